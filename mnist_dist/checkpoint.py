@@ -1,0 +1,150 @@
+"""Checkpoints: one dict of plain tensors and numbers, written atomically, loaded without unpickling code.
+
+Layout: RUN_DIR/checkpoints/ckpt-<step>.pt (the last K) and best.pt (a hard link to the best by test
+accuracy). Rank 0 writes; every rank reads. `mnist-dist evaluate|predict|export --checkpoint PATH`
+read the same files.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import UsageError
+
+FORMAT_VERSION = 1
+NAME = re.compile(r"ckpt-(\d+)\.pt$")
+REQUIRED = ("format_version", "model", "optimizer", "epoch", "batch_in_epoch", "step", "config")
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be used; `unsafe` means it tried to smuggle in code."""
+
+    def __init__(self, message: str, unsafe: bool = False):
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
+def folder(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def listed(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoints, oldest first."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("ckpt-*.pt") if (m := NAME.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it: never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool) -> Path:
+    """Save `state` as ckpt-<step>.pt, point best.pt at it if best, keep only the last `keep_last`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"ckpt-{state['step']:08d}.pt"
+    atomic_save(state, path)
+    if is_best:
+        link = ckpt_dir / f".best.pt.tmp{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.link(path, link)  # same inode: costs nothing and survives pruning of the step file
+        os.replace(link, ckpt_dir / "best.pt")
+    for old in listed(ckpt_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely: weights_only refuses any pickled callable before it can run."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} refused: it carries pickled code or objects, not just tensors "
+                f"and numbers (nothing in it was run)", unsafe=True) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({first_line(err)})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first_line(err)})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        raise CheckpointError(f"checkpoint {path} is not an mnist-dist checkpoint (keys missing)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {state['format_version']}, this version reads {FORMAT_VERSION}")
+    return state
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def newest_valid(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """The newest checkpoint that loads; corrupt ones are reported and skipped, unsafe ones refused."""
+    for path in reversed(listed(ckpt_dir)):
+        try:
+            return load(path, map_location), path
+        except CheckpointError as err:
+            if err.unsafe:
+                raise
+            print(f"mnist-dist: warning: skipping {err}", file=sys.stderr, flush=True)
+    return None
+
+
+# --- random number generator states, as plain tensors and numbers -------------------------------
+
+def rng_state() -> dict:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,129 @@
+"""One dataclass holds every setting of a training run; each field is a command-line flag.
+
+Used by `mnist-dist train`, `python -m mnist_dist.train` and the Slurm/submitit launchers:
+`parse_config(argv)` turns flags (and an optional `--config FILE.toml`) into a validated `Config`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, missing data, bad checkpoint): one line, non-zero exit."""
+
+    exit_code = 2
+
+
+@dataclass
+class Config:
+    # data and outputs
+    data_dir: str = field(default="./data", metadata={"help": "MNIST root (holds MNIST/raw); env MNIST_DATA_DIR"})
+    run_dir: str = field(default="runs/default", metadata={"help": "where config, metrics, checkpoints and summary go"})
+    download: bool = field(default=True, metadata={"help": "download MNIST if missing (local rank 0 only)"})
+    verify_data: bool = field(default=True, metadata={"help": "check the raw files against the official SHA-256 pins (turn off only for your own IDX files)"})
+    # model and optimisation
+    model: str = field(default="mlp", metadata={"help": "mlp (784-H-10) or cnn", "choices": ["mlp", "cnn"]})
+    hidden: int = field(default=128, metadata={"help": "hidden units of the MLP"})
+    epochs: int = field(default=3, metadata={"help": "passes over the 60,000 training images"})
+    batch_size: int = field(default=64, metadata={"help": "GLOBAL batch; each rank takes batch_size / world_size"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    # logging and checkpoints
+    log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})
+    ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at epoch ends)"})
+    keep_last: int = field(default=3, metadata={"help": "how many recent checkpoints to keep (the best is kept as well)"})
+    resume: str = field(default="auto", metadata={"help": "auto (newest valid checkpoint in run dir), never, or a checkpoint path"})
+    overwrite: bool = field(default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"})
+    # Weights & Biases (rank 0 only)
+    wandb: str = field(default="auto", metadata={"help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)", "choices": ["auto", "online", "offline", "disabled"]})
+    wandb_project: str = field(default="mnist-dist", metadata={"help": "W&B project"})
+    wandb_entity: str = field(default="", metadata={"help": "W&B entity (team or user)"})
+    wandb_group: str = field(default="", metadata={"help": "W&B group, e.g. a sweep name"})
+    wandb_tags: str = field(default="", metadata={"help": "comma-separated W&B tags"})
+    wandb_name: str = field(default="", metadata={"help": "W&B run name (default: the run dir's name)"})
+    wandb_log_model: bool = field(default=False, metadata={"help": "upload the best checkpoint as a W&B artifact at the end"})
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check invariants early, with messages a user understands."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UsageError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        for name in ("epochs", "batch_size", "hidden", "log_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or self.lr != self.lr or self.lr == float("inf"):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.ckpt_every < 0:
+            raise UsageError(f"--ckpt-every must be >= 0, got {self.ckpt_every}")
+        if self.batch_size % world_size:
+            raise UsageError(
+                f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
+                f"world size {world_size} (each rank takes an equal share)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields that shape the model or its training trajectory: a resumed run must match them.
+TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "seed")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="mnist-dist train", description="Train the MNIST classifier (DDP).")
+    parser.add_argument("--config", metavar="FILE.toml", help="defaults for any flag below (flags win)")
+    for f in fields(Config):
+        help_ = f.metadata.get("help", "") + f" (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(f"--{flag(f.name)}", type=kind, default=None, help=help_,
+                                choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else f.name.upper())
+    parser.add_argument("--no-resume", dest="resume", action="store_const", const="never", help="same as --resume never")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Layer the config: dataclass defaults < environment < --config FILE < flags."""
+    values: dict[str, Any] = {}
+    if os.environ.get("MNIST_DATA_DIR"):
+        values["data_dir"] = os.environ["MNIST_DATA_DIR"]
+    if args.config:
+        values.update(load_toml(args.config))
+    values.update({f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None})
+    return Config(**values)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise UsageError(f"cannot read config file {path}: {err}") from None
+    known = {f.name: f for f in fields(Config)}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"config file {path}: unknown setting '{key}'")
+        want = {"int": int, "float": (int, float), "bool": bool, "str": str}[known[name].type]
+        if not isinstance(value, want) or (known[name].type == "int" and isinstance(value, bool)):
+            raise UsageError(f"config file {path}: '{key}' should be {known[name].type}, got {value!r}")
+        values[name] = float(value) if known[name].type == "float" else value
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    return config_from_args(build_parser().parse_args(argv))

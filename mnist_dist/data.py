@@ -1,0 +1,116 @@
+"""MNIST as tensors on the training device, verified against the official SHA-256 pins.
+
+`prepare(cfg, env)` is called by every rank: local rank 0 checks (and, when allowed, downloads) the
+raw files while the others wait, then all learn the outcome through one collective. Also used by
+`mnist-dist download --data-dir DIR` on a login node.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from .config import UsageError
+
+# The official MNIST release, uncompressed (what torchvision leaves in ROOT/MNIST/raw).
+SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MEAN, STD = 0.1307, 0.3081  # of the training pixels, in [0, 1] units
+
+
+def raw_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(data_dir: str, verify: bool = True) -> None:
+    """Raise UsageError naming the folder and the fix if a raw file is missing or not the official one."""
+    folder = raw_dir(data_dir)
+    for name, want in SHA256.items():
+        path = folder / name
+        if not path.is_file():
+            raise UsageError(
+                f"MNIST file {name} is missing in {folder}: run `mnist-dist download --data-dir {data_dir}` "
+                f"on a machine with internet, or put the four IDX files in {folder}"
+            )
+        if verify and sha256(path) != want:
+            raise UsageError(
+                f"MNIST file {path} does not match the official SHA-256 (corrupt or partial download?): "
+                f"delete it and run `mnist-dist download --data-dir {data_dir}`, or copy a good file there"
+            )
+
+
+def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
+    """Make sure the raw files are present and intact, downloading them if allowed and needed."""
+    try:
+        check_files(data_dir, verify)
+        return
+    except UsageError:
+        if not download:
+            raise
+    from torchvision.datasets import MNIST  # imported only when a download is needed
+
+    try:
+        MNIST(data_dir, train=True, download=True)
+        MNIST(data_dir, train=False, download=True)
+    except Exception as err:  # network, disk, mirror errors: all end the same way for the user
+        raise UsageError(
+            f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {err}); on an "
+            f"offline machine put the four IDX files there and pass --no-download"
+        ) from None
+    check_files(data_dir, verify)
+
+
+def prepare(data_dir: str, download: bool, verify: bool, is_local_main: bool, device: torch.device) -> None:
+    """Local rank 0 fetches/checks; every rank then agrees on the outcome (no hang if rank 0 fails)."""
+    error = ""
+    if is_local_main:
+        try:
+            fetch(data_dir, download, verify)
+        except UsageError as err:
+            error = str(err)
+    failed = torch.tensor([1.0 if error else 0.0], device=device)
+    dist.all_reduce(failed)  # the barrier the other ranks wait at; host-device sync point
+    if error:
+        raise UsageError(error)
+    if failed.item():
+        raise UsageError(f"MNIST data in {raw_dir(data_dir)} failed its check on another node")
+
+
+def load(data_dir: str, train: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split as normalised float32 [N, 1, 28, 28] and int64 labels, on `device`."""
+    from torchvision.datasets import MNIST
+
+    try:
+        ds = MNIST(data_dir, train=train, download=False)
+    except Exception as err:  # a malformed IDX header or a short file
+        raise UsageError(f"cannot read MNIST from {raw_dir(data_dir)}: {err}") from None
+    images = ds.data.to(device=device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+    images.sub_(MEAN).div_(STD)
+    return images, ds.targets.to(device)
+
+
+def epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """This rank's sample order for one epoch, from DistributedSampler (shuffled by seed and epoch).
+
+    Rank r takes positions r, r+W, r+2W, ... of one global permutation, so with a fixed global batch
+    the union of all ranks' k-th batches is the same set of samples for any world size.
+    """
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long, device=device)

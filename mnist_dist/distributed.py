@@ -1,0 +1,145 @@
+"""Distributed set-up: read the launcher's environment once, start and stop the process group.
+
+Every launcher ends here: torchrun and submitit set RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
+MASTER_PORT; a plain `srun python -m mnist_dist.train` sets only Slurm's variables, from which the
+same values are derived; a plain `python -m mnist_dist.train` is world size 1 on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from .config import UsageError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a Slurm hostlist: 'gpu[003-005,009],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist.strip())
+    if not m:
+        raise UsageError(f"cannot parse SLURM_JOB_NODELIST {nodelist!r}")
+    return m.group(1) + (m.group(2) or "")
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port derived from the job id, so two jobs sharing a node do not collide."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """The one place that reads the launcher's variables (torchrun/submitit first, then srun)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        get = environ.get
+        return DistEnv(int(get("RANK")), int(get("LOCAL_RANK", get("RANK"))), int(get("WORLD_SIZE")),
+                       get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", "29500")))
+    if "SLURM_STEP_NUM_TASKS" in environ:  # inside an srun step: each task is one rank
+        job = environ.get("SLURM_JOB_ID", "0")
+        return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]),
+                       int(environ["SLURM_STEP_NUM_TASKS"]),
+                       environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
+                       int(environ.get("MASTER_PORT") or slurm_port(job)))
+    return DistEnv(0, 0, 1, "127.0.0.1", free_port())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA GPU is visible (use --device cpu or auto)")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
+    """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+        world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (every rank must call it). Host-device sync point."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_from_main(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's numbers on every rank (every rank must call it). Host-device sync point."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+class PeerFailed(UsageError):
+    """Another rank failed a check and printed why; this rank stops too."""
+
+
+def agree(fn: Callable[[], Any], run_here: bool, is_main: bool, device: torch.device) -> Any:
+    """Run `fn` on the ranks that should; if it fails anywhere, every rank raises (nobody hangs).
+
+    Every rank calls this, so the all_reduce inside is never skipped by a rank.
+    """
+    result, error = None, None
+    if run_here:
+        try:
+            result = fn()
+        except UsageError as err:
+            error = err
+            if not is_main:  # rank 0 may not know this one: say it here
+                print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
+    failed = all_sum([1.0 if error else 0.0], device)[0]
+    if error:
+        raise error
+    if failed:
+        raise PeerFailed("another rank failed a check (its error is above)")
+    return result
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """DistributedDataParallel around `model` (gradients averaged over ranks in backward)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world_size == 1:  # the mean over one rank is the gradient itself: skip gloo (~50 us a step)
+        ddp.register_comm_hook(None, noop_hook)
+    return ddp

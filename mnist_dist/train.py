@@ -1,0 +1,240 @@
+"""Train the MNIST classifier with DistributedDataParallel.
+
+    torchrun --nproc_per_node=2 -m mnist_dist.train --data-dir DIR --epochs 3
+    python -m mnist_dist.train --data-dir DIR        # one process, the same code path
+    mnist-dist train --data-dir DIR                  # the console script
+
+`train(cfg)` returns the summary dict (also written to RUN_DIR/summary.json).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import PROCESS_START, checkpoint, data, distributed
+from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config
+from .distributed import DistEnv, agree
+from .evaluate import Evaluation, evaluate
+from .model import build
+from .preempt import EXIT_OK, Diverged, Preempted, StopFlag
+from .tracking import NullTracker, make_tracker
+
+
+def train(cfg: Config, env: DistEnv | None = None) -> dict:
+    """Join the process group, train, evaluate on rank 0, and leave the group again."""
+    env = env or distributed.read_env()
+    cfg.validate(env.world_size)
+    device = distributed.pick_device(cfg.device, env.local_rank)
+    distributed.init(env, device)
+    tracker = make_tracker(env.is_main, cfg.run_dir)
+    summary = None
+    try:
+        with StopFlag() as stop:
+            summary = fit(cfg, env, device, tracker, stop)
+        return summary
+    finally:
+        tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
+        distributed.shutdown()
+
+
+class Checkpointer:
+    """Rank 0 writes checkpoints; on other ranks every call does nothing."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.dir, self.keep_last, self.enabled = checkpoint.folder(cfg.run_dir), cfg.keep_last, enabled
+        self.best_acc = -1.0
+
+    def clear(self) -> None:
+        for path in (*checkpoint.listed(self.dir), self.dir / "best.pt"):
+            if self.enabled:
+                path.unlink(missing_ok=True)
+
+    def save(self, make_state, test_acc: float | None = None) -> Path:
+        path = self.dir / "(rank 0 only)"
+        is_best = test_acc is not None and test_acc > self.best_acc
+        if self.enabled:
+            path = checkpoint.save(make_state(), self.dir, self.keep_last, is_best)
+        self.best_acc = max(self.best_acc, test_acc if test_acc is not None else -1.0)
+        return path
+
+
+def find_resume_state(cfg: Config, device: torch.device) -> dict | None:
+    """The checkpoint to resume from, per --resume, checked against this run's config."""
+    ckpt_dir = checkpoint.folder(cfg.run_dir)
+    if cfg.resume == "never":
+        if checkpoint.listed(ckpt_dir) and not cfg.overwrite:
+            raise UsageError(f"{ckpt_dir} holds checkpoints: drop --no-resume to resume, pass --overwrite "
+                             f"to start over, or choose another --run-dir")
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint.newest_valid(ckpt_dir, map_location=device)
+        state = found[0] if found else None
+    else:
+        state = checkpoint.load(cfg.resume, map_location=device)
+    if state is not None:
+        differ = [f for f in TRAJECTORY_FIELDS if state["config"].get(f) != getattr(cfg, f)]
+        if differ:
+            diffs = ", ".join(f"--{flag(f)} {state['config'].get(f)} (saved) vs {getattr(cfg, f)} (now)" for f in differ)
+            raise UsageError(f"cannot resume from the checkpoint in {ckpt_dir}: {diffs}; use another --run-dir "
+                             f"or --no-resume --overwrite")
+    return state
+
+
+def check_run_dir(cfg: Config) -> None:
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test{id(cfg)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"cannot write to --run-dir {run_dir}: {err.strerror}") from None
+
+
+def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, stop: StopFlag) -> dict:
+    W = env.world_size
+
+    # --- data: local rank 0 checks (and downloads) while the others wait for its verdict ---------
+    agree(lambda: data.fetch(cfg.data_dir, cfg.download, cfg.verify_data), env.is_local_main, env.is_main, device)
+    agree(lambda: check_run_dir(cfg), env.is_main, env.is_main, device)
+    train_x, train_y = data.load(cfg.data_dir, train=True, device=device)
+    test_x, test_y = data.load(cfg.data_dir, train=False, device=device) if env.is_main else (None, None)
+
+    # --- model, optimizer, and the point to resume from -----------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model, cfg.hidden).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one fused kernel per step
+    state = agree(lambda: find_resume_state(cfg, device), True, env.is_main, device)
+    ckpt = Checkpointer(cfg, enabled=env.is_main)
+    epoch, batch, step, history, run_id = 0, 0, 0, [], None
+    tally = [0.0, 0, 0.0, 0]  # this epoch so far, over all ranks: loss sum, steps, right answers, samples
+    if state is None:
+        ckpt.clear()  # only reached with --overwrite or an empty checkpoint folder
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        epoch, batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        history, run_id, ckpt.best_acc = state["metrics"], state.get("wandb_run_id"), state["best_acc"]
+        tally = list(state["epoch_tally"])
+        tracker.say(f"resuming at epoch {epoch + 1}, batch {batch} (step {step}), saved with world size "
+                    f"{state['world_size']}, now {W}")
+    ddp = distributed.wrap_ddp(model, device, W)
+    tracker.start(cfg, history, run_id)
+
+    def make_state() -> dict:
+        return {
+            "format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "epoch": epoch, "batch_in_epoch": batch, "step": step,
+            "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "world_size": W,
+            "metrics": list(getattr(tracker, "history", [])), "best_acc": ckpt.best_acc,
+            "wandb_run_id": tracker.wandb_run_id, "epoch_tally": list(tally),
+        }
+
+    # --- the loop ---------------------------------------------------------------------------------
+    n, per_rank = len(train_y), cfg.batch_size // W
+    steps_per_epoch = math.ceil(math.ceil(n / W) / per_rank)  # DistributedSampler pads n to a multiple of W
+    losses = torch.zeros(cfg.log_every, device=device)  # per-step losses since the last sync
+    correct = torch.zeros((), device=device)  # right answers since the last sync
+    train_seconds, last_eval, fit_start, start_step = 0.0, None, time.perf_counter(), step
+    while epoch < cfg.epochs:
+        order = data.epoch_indices(n, env.rank, W, cfg.seed, epoch, device)
+        k = samples = 0
+        epoch_seconds, t_sync = 0.0, time.perf_counter()
+        while batch < steps_per_epoch:
+            idx = order[batch * per_rank:(batch + 1) * per_rank]
+            x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
+            logits = ddp(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients over all ranks here
+            opt.step()
+            losses[k] = loss.detach()  # stays on the device: no host sync per step
+            correct += (logits.argmax(1) == y).sum()
+            batch, step, k, samples = batch + 1, step + 1, k + 1, samples + len(idx)
+            save_now = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
+            if k < cfg.log_every and not save_now and batch < steps_per_epoch:
+                continue
+
+            # sync point: one all_reduce carries the interval's losses, right answers and stop flags
+            packet = torch.cat([losses[:k], correct.view(1), torch.tensor([float(stop.signum)], device=device)])
+            torch.distributed.all_reduce(packet)
+            *step_losses, n_correct, stopping = packet.tolist()  # host-device sync point
+            step_losses = [v / W for v in step_losses]  # equal per-rank batches: the mean is the global mean
+            bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise Diverged(f"loss became {step_losses[bad]} at step {step - k + bad + 1} (epoch {epoch + 1}); "
+                               f"the newest checkpoint in {ckpt.dir} is from before it")
+            now = time.perf_counter()
+            tracker.log({"step": step, "epoch": epoch + 1, "train_loss": sum(step_losses) / k,
+                         "lr": opt.param_groups[0]["lr"], "samples_per_s": samples * W / (now - t_sync)})
+            tally = [a + b for a, b in zip(tally, (sum(step_losses), k, n_correct, samples * W))]
+            correct.zero_()
+            k = samples = 0
+            epoch_seconds += now - t_sync
+            if (save_now or stopping) and batch < steps_per_epoch:  # at an epoch end, the code below saves
+                path = ckpt.save(make_state)
+                if stopping:
+                    raise Preempted(stop.signum or signal.SIGTERM, step, str(path))
+            t_sync = time.perf_counter()  # checkpointing and logging are not training time
+        train_seconds += epoch_seconds
+
+        # --- epoch end: rank 0 evaluates the unwrapped model while the others wait for its numbers --
+        last_eval = evaluate(model, test_x, test_y) if env.is_main else None
+        test_loss, test_acc = distributed.broadcast_from_main([last_eval.loss, last_eval.acc] if last_eval else [0.0, 0.0], device)
+        loss_sum, n_steps, n_correct, n_seen = tally
+        epoch, batch, tally = epoch + 1, 0, [0.0, 0, 0.0, 0]
+        tracker.log({"step": step, "epoch": epoch, "train_loss_epoch": loss_sum / max(n_steps, 1),
+                     "train_acc": n_correct / max(n_seen, 1), **(last_eval.as_record() if last_eval else {})})
+        tracker.figures(step, {"eval": last_eval, "images": test_x, "labels": test_y})
+        path = ckpt.save(make_state, test_acc)
+        elapsed = time.perf_counter() - fit_start
+        eta = elapsed / max(step - start_step, 1) * (cfg.epochs * steps_per_epoch - step)
+        tracker.say(f"epoch {epoch}/{cfg.epochs}  train_loss {loss_sum / max(n_steps, 1):.4f}  "
+                    f"train_acc {n_correct / max(n_seen, 1):.2%}  test_acc {test_acc:.2%}  "
+                    f"{n_seen / max(epoch_seconds, 1e-9):,.0f} samples/s  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
+        if distributed.all_sum([float(stop.signum)], device)[0] > 0 and epoch < cfg.epochs:
+            raise Preempted(stop.signum or signal.SIGTERM, step, str(path))
+
+    # --- summary ----------------------------------------------------------------------------------
+    if last_eval is None and env.is_main:  # resumed a finished run: evaluate what it saved
+        last_eval = evaluate(model, test_x, test_y)
+    test_loss, test_acc = distributed.broadcast_from_main([last_eval.loss, last_eval.acc] if last_eval else [0.0, 0.0], device)
+    return {
+        "test_acc": test_acc, "test_loss": test_loss,
+        "per_class_acc": last_eval.per_class_acc if last_eval else None,
+        "best_test_acc": max(ckpt.best_acc, test_acc), "epochs": cfg.epochs, "steps": step,
+        "world_size": W, "global_batch_size": cfg.batch_size, "model": cfg.model,
+        "train_seconds": train_seconds, "total_seconds": time.time() - PROCESS_START,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": str(device), "run_dir": str(cfg.run_dir),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m mnist_dist.train` and `mnist-dist train`: returns the exit code."""
+    env = distributed.read_env()
+    try:
+        summary = train(parse_config(argv), env)
+    except Preempted as stopped:
+        if env.is_main:
+            print(f"mnist-dist: {stopped}", file=sys.stderr, flush=True)
+        return stopped.exit_code
+    except (UsageError, Diverged) as err:
+        if env.is_main:
+            print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    if env.is_main:
+        print(f"test accuracy {summary['test_acc']:.2%}, summary in {Path(summary['run_dir']) / 'summary.json'}", flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
