@@ -212,6 +212,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         "per_class_acc": last_eval.per_class_acc if last_eval else None,
         "best_test_acc": max(ckpt.best_acc, test_acc), "epochs": cfg.epochs, "steps": step,
         "world_size": W, "global_batch_size": cfg.batch_size, "model": cfg.model,
+        "test_images": int(last_eval.confusion.sum()) if last_eval else None,
         "train_seconds": train_seconds, "total_seconds": time.time() - PROCESS_START,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": str(device), "run_dir": str(cfg.run_dir),
