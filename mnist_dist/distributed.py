@@ -7,6 +7,7 @@ same values are derived; a plain `python -m mnist_dist.train` is world size 1 on
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import socket
@@ -91,7 +92,10 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. DDP's reducer sits in reference cycles that hold gloo work objects;
+    freed only at interpreter exit they can abort the process (SIGABRT), so collect them first."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -1,0 +1,174 @@
+"""Checkpoints and exact resume: signals, killed workers, corrupt and malicious files."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (ROOT, final_ckpt, job_env, metrics, params, run_train, send_when_step, start_train,
+                      summary, wait_for)
+from mnist_dist import checkpoint
+from mnist_dist.preempt import EXIT_DIVERGED, EXIT_PREEMPTED
+
+FLAGS = ("--epochs", "2", "--batch-size", "8", "--log-every", "10", "--seed", "5")
+
+
+@pytest.fixture(scope="module")
+def reference(medium_data, tmp_path_factory):
+    """An uninterrupted one-process run to compare against."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    res = run_train(1, medium_data, run, *FLAGS)
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def assert_same_model(run, reference):
+    p, q = params(final_ckpt(run)), params(final_ckpt(reference))
+    assert all(torch.equal(p[k], q[k]) for k in p), "parameters are not bitwise equal to the uninterrupted run"
+    assert summary(run)["test_acc"] == summary(reference)["test_acc"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_signal_checkpoints_mid_epoch_and_resume_is_exact(medium_data, tmp_path, reference, sig):
+    """A stop signal mid-epoch: checkpoint, exit 75; the same command resumes to bitwise the same model."""
+    run = tmp_path / "run"
+    proc = start_train(1, medium_data, run, *FLAGS)
+    send_when_step(proc, run, sig, 100)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert f"stopped by {signal.Signals(sig).name}" in err and "run the same command again" in err
+    state = torch.load(final_ckpt(run), weights_only=True)
+    assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 1024, "interrupted in the middle of epoch 1"
+    res = run_train(1, medium_data, run, *FLAGS)
+    assert res.returncode == 0, res.stderr
+    assert "resuming at epoch 1" in res.stdout
+    assert_same_model(run, reference)
+    steps = [r["step"] for r in metrics(run) if "train_loss" in r]
+    assert steps == sorted(set(steps)) and steps == [r["step"] for r in metrics(reference) if "train_loss" in r], \
+        "metrics.jsonl has no repeated or missing steps after the resume"
+
+
+def test_sigterm_to_torchrun_then_resume_with_two_ranks(medium_data, tmp_path):
+    """torchrun forwards SIGTERM to its workers: both ranks agree, rank 0 checkpoints, the rerun resumes."""
+    ref = tmp_path / "ref"
+    res = run_train(2, medium_data, ref, *FLAGS)
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, *FLAGS)
+    send_when_step(proc, run, signal.SIGTERM, 100)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in err
+    res = run_train(2, medium_data, run, *FLAGS)
+    assert res.returncode == 0, res.stderr
+    assert_same_model(run, ref)
+
+
+def test_killed_worker_is_restarted_by_torchrun_and_finishes(medium_data, tmp_path, reference):
+    """kill -9 of one worker under --max-restarts: the group restarts from the newest checkpoint."""
+    ref = tmp_path / "ref"
+    res = run_train(2, medium_data, ref, *FLAGS, "--ckpt-every", "100")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, *FLAGS, "--ckpt-every", "100", restarts=2)
+    wait_for(lambda: any(p.name.startswith("ckpt-") for p in (run / "checkpoints").glob("*.pt")), what="a checkpoint")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resuming at epoch" in out
+    assert_same_model(run, ref)
+
+
+def test_atomic_save_interrupted_before_rename_keeps_old_checkpoint(tmp_path):
+    """A process that dies between writing and renaming leaves the old file whole and no partial one."""
+    target = tmp_path / "ckpt-00000001.pt"
+    checkpoint.atomic_save({"v": torch.ones(3)}, target)
+    code = ("import os, torch; from pathlib import Path; from mnist_dist import checkpoint\n"
+            "os.replace = lambda *a: os._exit(9)  # the crash: after write+fsync, before the rename\n"
+            f"checkpoint.atomic_save({{'v': torch.zeros(3)}}, Path({str(target)!r}))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 9
+    assert torch.equal(torch.load(target, weights_only=True)["v"], torch.ones(3))
+    assert [p.name for p in tmp_path.glob("ckpt-*.pt")] == [target.name]
+
+
+def test_corrupt_newest_checkpoint_is_skipped(medium_data, tmp_path, reference):
+    run = tmp_path / "run"
+    assert run_train(1, medium_data, run, *FLAGS, "--epochs", "1", "--ckpt-every", "256").returncode == 0
+    newest = final_ckpt(run)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    res = run_train(1, medium_data, run, *FLAGS)
+    assert res.returncode == 0, res.stderr
+    assert "skipping checkpoint" in res.stderr and "corrupt or truncated" in res.stderr
+    assert "resuming at epoch 1, batch 768" in res.stdout
+    assert_same_model(run, reference)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_its_code_never_runs(tiny_data, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "run" / "checkpoints" / "ckpt-00009999.pt"
+    evil.parent.mkdir(parents=True)
+    torch.save({"format_version": 1, "model": Payload(marker)}, evil)
+    for cmd in ([sys.executable, "-m", "mnist_dist.cli", "evaluate", "--checkpoint", str(evil)],
+                [sys.executable, "-m", "mnist_dist.train", "--data-dir", str(tiny_data), "--run-dir",
+                 str(tmp_path / "run"), "--no-verify-data"]):
+        res = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert "refused: it carries pickled code" in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists(), "the payload ran"
+    with pytest.raises(pickle.UnpicklingError):  # the file really carries code: plain pickle would run it
+        torch.load(evil, weights_only=True)
+
+
+def test_no_resume_refuses_to_overwrite_and_overwrite_starts_fresh(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "1").returncode == 0
+    res = run_train(1, tiny_data, run, "--epochs", "1", "--no-resume")
+    assert res.returncode == 2 and "holds checkpoints" in res.stderr
+    res = run_train(1, tiny_data, run, "--epochs", "1", "--no-resume", "--overwrite")
+    assert res.returncode == 0 and "resuming" not in res.stdout
+
+
+def test_resume_refuses_a_different_model(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "1").returncode == 0
+    res = run_train(1, tiny_data, run, "--epochs", "2", "--hidden", "64", "--lr", "0.01")
+    assert res.returncode == 2
+    assert "--hidden 128 (saved) vs 64 (now)" in res.stderr and "--lr" in res.stderr
+
+
+def test_resume_from_a_given_path_with_another_world_size(tiny_data, tmp_path):
+    """--resume PATH; a checkpoint saved by 1 rank continues on 2 ranks (same global batch)."""
+    first = tmp_path / "first"
+    assert run_train(1, tiny_data, first, "--epochs", "1", "--batch-size", "16").returncode == 0
+    res = run_train(2, tiny_data, tmp_path / "second", "--epochs", "2", "--batch-size", "16",
+                    "--resume", str(first / "checkpoints" / "best.pt"))
+    assert res.returncode == 0, res.stderr
+    assert "saved with world size 1, now 2" in res.stdout
+    assert summary(tmp_path / "second")["world_size"] == 2
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "1", "--batch-size", "16", "--lr", "1e30").returncode in (0, EXIT_DIVERGED)
+    run2 = tmp_path / "run2"
+    res = run_train(1, tiny_data, run2, "--epochs", "3", "--batch-size", "16", "--lr", "1e30", "--log-every", "4")
+    assert res.returncode == EXIT_DIVERGED, res.stderr
+    assert "loss became nan at step" in res.stderr or "loss became inf at step" in res.stderr
+    for ckpt in (run2 / "checkpoints").glob("ckpt-*.pt"):
+        assert all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
