@@ -11,6 +11,7 @@ import pickle
 import random
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,13 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     """Load a checkpoint safely: weights_only refuses any pickled callable before it can run."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "GLOBAL" in str(err):  # a reference to a class or function: code, refused before it runs
             raise CheckpointError(
                 f"checkpoint {path} refused: it carries pickled code or objects, not just tensors "
                 f"and numbers (nothing in it was run)", unsafe=True) from None

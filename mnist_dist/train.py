@@ -192,6 +192,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         loss_sum, n_steps, n_correct, n_seen = tally
         epoch, batch, tally = epoch + 1, 0, [0.0, 0, 0.0, 0]
         tracker.log({"step": step, "epoch": epoch, "train_loss_epoch": loss_sum / max(n_steps, 1),
+                     "elapsed_s": time.time() - PROCESS_START, "epoch_train_s": epoch_seconds,
                      "train_acc": n_correct / max(n_seen, 1), **(last_eval.as_record() if last_eval else {})})
         tracker.figures(step, {"eval": last_eval, "images": test_x, "labels": test_y})
         path = ckpt.save(make_state, test_acc)

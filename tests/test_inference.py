@@ -1,0 +1,85 @@
+"""Saved models in use: evaluate, predict on image files, export weights-only."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REAL_DATA, ROOT, job_env, run_train, summary
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mnist_dist.cli", *args], cwd=ROOT, env=job_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    if not REAL_DATA:
+        pytest.skip("MNIST_DATA_DIR is not set (CI sets it to ../shared/data)")
+    run = tmp_path_factory.mktemp("real") / "run"
+    res = run_train(1, REAL_DATA, run, "--epochs", "2", "--verify-data")
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def test_evaluate_prints_the_accuracy_of_the_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "2").returncode == 0
+    res = cli("evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data-dir", str(tiny_data),
+              "--no-verify-data")
+    assert res.returncode == 0, res.stderr
+    assert f"test_acc {summary(run)['test_acc']:.4f}" in res.stdout and "(200 images, mlp)" in res.stdout
+
+
+def test_evaluate_and_predict_errors_are_one_line(tmp_path):
+    res = cli("evaluate", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    res = cli("predict", "--checkpoint", str(junk), str(junk))
+    assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_writes_weights_loadable_without_the_package(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "1", "--hidden", "32").returncode == 0
+    out = tmp_path / "model.safetensors"
+    res = cli("export", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(out))
+    assert res.returncode == 0, res.stderr
+    code = ("from safetensors.torch import load_file; from safetensors import safe_open; import torch\n"
+            f"w = load_file({str(out)!r}); m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32),"
+            " torch.nn.ReLU(), torch.nn.Linear(32, 10)); m.load_state_dict(w)\n"
+            f"print(safe_open({str(out)!r}, 'pt').metadata()['hidden'], m(torch.zeros(1, 1, 28, 28)).shape)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["32", "torch.Size([1,", "10])"]
+
+
+def test_predict_reads_real_test_digits_from_png(real_run, tmp_path):
+    """Real test-set digits as PNG files, as they are and as dark ink on white paper at another size."""
+    from torchvision.datasets import MNIST
+
+    ds = MNIST(REAL_DATA, train=False)
+    paths, labels = [], []
+    for i in range(20):
+        img, label = ds[i]
+        plain = tmp_path / f"digit{i}.png"
+        img.save(plain)
+        paper = tmp_path / f"paper{i}.jpg"
+        Image.eval(img, lambda v: 255 - v).resize((84, 84)).convert("RGB").save(paper)
+        paths += [str(plain), str(paper)]
+        labels += [label, label]
+    res = cli("predict", "--checkpoint", str(real_run / "checkpoints" / "best.pt"), *paths)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("\t") for line in res.stdout.splitlines()]
+    assert [r[0] for r in rows] == paths
+    got = [int(r[1]) for r in rows]
+    assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+    plain_right = sum(g == y for g, y in zip(got[0::2], labels[0::2]))
+    paper_right = sum(g == y for g, y in zip(got[1::2], labels[1::2]))
+    assert plain_right >= 19, (got, labels)
+    assert paper_right >= 17, (got, labels)
