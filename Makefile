@@ -22,7 +22,7 @@ train: setup
 	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m mnist_dist.train --data-dir $(DATA) $(ARGS)
 
 test: setup
-	MNIST_DATA_DIR=$(abspath $(DATA)) $(PY) -m pytest $(PYTEST_ARGS)
+	MNIST_DATA_DIR=$(if $(wildcard $(DATA)/MNIST/raw),$(abspath $(DATA)),) $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/bench.py --data-dir $(DATA)

@@ -146,6 +146,8 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     train_seconds, last_eval, fit_start, start_step = 0.0, None, time.perf_counter(), step
     while epoch < cfg.epochs:
         order = data.epoch_indices(n, env.rank, W, cfg.seed, epoch, device)
+        for group in opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
+            group["lr"] = cfg.lr * cfg.lr_decay ** epoch
         k = samples = 0
         epoch_seconds, t_sync = 0.0, time.perf_counter()
         while batch < steps_per_epoch:

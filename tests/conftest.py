@@ -52,7 +52,7 @@ def job_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC"))}
     env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v != ""}  # an empty value means: unset it
 
 
 def train_cmd(nproc: int, *flags: str, restarts: int = 0) -> list[str]:

@@ -1,0 +1,60 @@
+"""`mnist-dist report RUN_DIR`: predictions.png, confusion_matrix.png and curves.png, from the run dir
+alone (metrics.jsonl + the newest checkpoint + the test data)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, inference, plots
+from .config import UsageError
+from .evaluate import evaluate
+
+
+def pick_grid(result, labels: torch.Tensor, n: int, mistakes_only: bool) -> torch.Tensor:
+    """Indices of the images to show: the first n test images, or the first n mistakes."""
+    if mistakes_only:
+        return (result.predictions != labels.cpu()).nonzero().flatten()[:n]
+    return torch.arange(min(n, len(labels)))
+
+
+def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n: int = 40,
+           mistakes_only: bool = False, verify: bool = True) -> list[Path]:
+    run = Path(run_dir)
+    found = checkpoint.newest_valid(checkpoint.folder(run))
+    if found is None:
+        raise UsageError(f"no checkpoint in {checkpoint.folder(run)}: train first")
+    model, cfg = inference.load_model(str(found[1]))
+    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR") or cfg["data_dir"]
+    data.check_files(data_dir, verify and cfg.get("verify_data", True))
+    images, labels = data.load(data_dir, train=False, device=torch.device("cpu"))
+    result = evaluate(model, images, labels)
+    metrics = run / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    out_dir = Path(out) if out else run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    idx = pick_grid(result, labels, n, mistakes_only)
+    title = f"{'mistakes: ' if mistakes_only else ''}predicted / true, step {found[0]['step']}"
+    return [
+        plots.save(plots.prediction_grid(images[idx], result.predictions[idx], labels[idx], title=title),
+                   out_dir / "predictions.png"),
+        plots.save(plots.confusion_matrix(result.confusion), out_dir / "confusion_matrix.png"),
+        plots.save(plots.curves(history), out_dir / "curves.png"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mnist-dist report", description=__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir", help="MNIST root (default: $MNIST_DATA_DIR or the run's own)")
+    p.add_argument("--out", help="folder for the PNGs (default: the run dir)")
+    p.add_argument("--n", type=int, default=40, help="digits in the grid")
+    p.add_argument("--mistakes", action="store_true", help="show only misclassified digits")
+    p.add_argument("--no-verify-data", dest="verify", action="store_false")
+    args = p.parse_args(argv)
+    for path in report(args.run_dir, args.data_dir, args.out, args.n, args.mistakes, args.verify):
+        print(path)
+    return 0

@@ -1,0 +1,73 @@
+"""W&B, for real in offline mode: the run's own transaction log is read back."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from conftest import job_env, metrics, run_train, send_when_step, start_train, summary
+from wandb_records import summarize
+from mnist_dist.wandb_mirror import resolve_mode
+
+
+def run_files(run_dir):
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    res = run_train(1, tiny_data, run, "--epochs", "2", "--log-every", "4", "--wandb", "offline",
+                    "--wandb-tags", "a,b", env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"))
+    assert res.returncode == 0, res.stderr
+    assert "W&B offline run in" in res.stdout and "wandb sync" in res.stdout
+    [log] = run_files(run)
+    got = summarize(log)
+    assert got["config"]["batch_size"] == 64 and got["config"]["model"] == "mlp" and got["config"]["epochs"] == 2
+    steps = [h for h in got["history"] if "train_loss" in h]
+    assert [h["step"] for h in steps] == [r["step"] for r in metrics(run) if "train_loss" in r]
+    evals = [h for h in got["history"] if "test_acc" in h]
+    assert len(evals) == 2 and "per_class_acc/9" in evals[0]
+    images = [h for h in got["history"] if "predictions/_type" in h]
+    assert len(images) == 2 and images[0]["predictions/_type"] == "image-file"
+    assert images[0]["confusion_matrix/_type"] == "image-file" and images[0]["step"] == evals[0]["step"]
+    assert images[0]["confusion_matrix_chart_table/_type"] == "table-file"
+    media = log.parent / "files"
+    assert (media / images[1]["predictions/path"]).stat().st_size > 5000
+    assert got["summary"]["test_acc"] == summary(run)["test_acc"]
+    leaked = [p for p in run.rglob("*") if p.is_file() and b"secret-key-123" in p.read_bytes()]
+    assert not leaked, f"the API key was written to {leaked}"
+
+
+def test_resumed_run_continues_the_same_wandb_run(medium_data, tmp_path):
+    run = tmp_path / "run"
+    flags = ("--epochs", "2", "--batch-size", "8", "--log-every", "10", "--wandb", "offline")
+    proc = start_train(1, medium_data, run, *flags)
+    send_when_step(proc, run, signal.SIGTERM, 100)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 75
+    res = run_train(1, medium_data, run, *flags)
+    assert res.returncode == 0, res.stderr
+    first, second = run_files(run)
+    assert summarize(first)["run_id"] == summarize(second)["run_id"]
+    assert [h["step"] for h in summarize(second)["history"] if "train_loss" in h][-1] == 2048
+
+
+def test_broken_wandb_warns_once_and_training_finishes(tiny_data, tmp_path):
+    """Online mode against a server that is not there: init fails, training goes on, metrics.jsonl is whole."""
+    run = tmp_path / "run"
+    env = job_env(WANDB_MODE="", WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9",
+                  WANDB_INIT_TIMEOUT="20")
+    res = run_train(1, tiny_data, run, "--epochs", "1", "--wandb", "online", env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("W&B is off for this run") == 1
+    assert summary(run)["test_acc"] > 0 and any("test_acc" in r for r in metrics(run))
+
+
+@pytest.mark.parametrize("choice, env, want", [
+    ("auto", {"WANDB_MODE": "offline"}, "offline"),
+    ("auto", {"WANDB_API_KEY": "k"}, "online"),
+    ("auto", {"NETRC": "/nonexistent"}, "offline"),
+    ("disabled", {"WANDB_API_KEY": "k"}, "disabled"),
+])
+def test_auto_mode(choice, env, want):
+    assert resolve_mode(choice, env) == want
