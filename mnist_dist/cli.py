@@ -89,9 +89,11 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from .distributed import exit_process
     from .train import main as train_main
 
-    return train_main(argv)
+    exit_process(train_main(argv))  # does not return
+    return 0
 
 
 def cmd_report(argv: list[str]) -> int:

@@ -79,7 +79,7 @@ class Config:
 TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed")
 
 # Defaults that differ by model (a flag, the config file or the environment still wins).
-MODEL_DEFAULTS = {"mlp": {}, "cnn": {"epochs": 5, "lr_decay": 0.6}}
+MODEL_DEFAULTS = {"mlp": {}, "cnn": {"epochs": 8, "lr_decay": 0.75}}
 
 
 def flag(name: str) -> str:

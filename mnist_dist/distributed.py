@@ -91,11 +91,14 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
     )
 
 
-def shutdown() -> None:
+def shutdown(clean: bool) -> None:
     """Leave the process group. DDP's reducer sits in reference cycles that hold gloo work objects;
-    freed only at interpreter exit they can abort the process (SIGABRT), so collect them first."""
+    freed only at interpreter exit they can abort the process (SIGABRT), so collect them first. After
+    a clean run every rank waits for the others, so no rank tears down a connection still in use."""
     if dist.is_initialized():
         gc.collect()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -147,3 +150,13 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, world_size: int) -> t
     if world_size == 1:  # the mean over one rank is the gradient itself: skip gloo (~50 us a step)
         ddp.register_comm_hook(None, noop_hook)
     return ddp
+
+
+def exit_process(code: int) -> None:
+    """End a training process without interpreter finalization. Gloo's worker threads can still hold
+    objects that finalization destroys, which aborts the process now and then ("terminate called
+    without an active exception", SIGABRT) after a run that succeeded; everything of ours is already
+    flushed and closed by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

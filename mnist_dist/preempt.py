@@ -6,10 +6,18 @@ checkpoints and exits with EXIT_PREEMPTED; starting it again resumes.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop training; a launcher may narrow them with MNIST_STOP_SIGNALS=USR2,...
+    (submitit does: it keeps SIGTERM for itself and preempts with USR2)."""
+    names = os.environ.get("MNIST_STOP_SIGNALS", "")
+    return tuple(signal.Signals[f"SIG{n.strip().upper().removeprefix('SIG')}"] for n in names.split(",") if n.strip()) or STOP_SIGNALS
 
 EXIT_OK = 0
 EXIT_ERROR = 1        # an unexpected failure (traceback printed)
@@ -27,7 +35,7 @@ class StopFlag:
 
     def __enter__(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():  # handlers only install there
-            for sig in STOP_SIGNALS:
+            for sig in stop_signals():
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 

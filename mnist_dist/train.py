@@ -41,7 +41,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         return summary
     finally:
         tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
-        distributed.shutdown()
+        distributed.shutdown(clean=summary is not None)
 
 
 class Checkpointer:
@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

@@ -1,0 +1,186 @@
+"""Against a real Slurm (tests/slurm/cluster.sh): sbatch, submitit, preemption and requeue, arrays,
+two nodes. Skipped, loudly, only where Slurm cannot be installed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, final_ckpt, job_env, metrics, params, summary, wait_for
+
+pytestmark = pytest.mark.slurm
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+FLAGS = ["--epochs", "2", "--batch-size", "8", "--log-every", "10", "--seed", "5", "--no-verify-data"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Start the cluster for this module; stop exactly its daemons afterwards, pass or fail."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        warnings.warn("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
+        pytest.skip("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
+    folder = Path(f"/tmp/slurm-{os.getpid()}")  # short: munge's socket path must stay under 108 bytes
+    start = subprocess.run([str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=600)
+    if start.returncode != 0 and not shutil.which("slurmctld"):
+        warnings.warn(f"SLURM TESTS SKIPPED: Slurm could not be installed: {start.stderr[-500:]}")
+        pytest.skip(f"SLURM TESTS SKIPPED: Slurm could not be installed: {start.stderr[-500:]}")
+    try:
+        assert start.returncode == 0, start.stderr
+        yield {**job_env(), "SLURM_CONF": str(folder / "etc" / "slurm.conf"), "PYTHON": sys.executable,
+               "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    finally:
+        subprocess.run([str(CLUSTER), "stop", str(folder)], capture_output=True, timeout=120)
+
+
+def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch", wait: bool = True,
+           **knobs: str) -> subprocess.CompletedProcess | subprocess.Popen:
+    """sbatch [SBATCH OPTIONS --] SCRIPT TRAIN FLAGS, knobs as environment variables."""
+    opts, flags = (list(args[:args.index("--")]), list(args[args.index("--") + 1:])) if "--" in args else ([], list(args))
+    output = f"{tmp}/%x-%A_%a.out" if any(o.startswith("--array") for o in opts) else f"{tmp}/%x-%j.out"
+    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={output}", *(["--wait"] if wait else []), *opts,
+           str(ROOT / script), *flags]
+    env = {**env, **knobs}
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kick_requeued(env: dict, job_id: str, until) -> None:
+    """Skip Slurm's 2-minute BeginTime delay after a requeue (from outside the job, as on a cluster)."""
+    while not until():
+        out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=env, capture_output=True, text=True).stdout
+        if "JobState=PENDING" in out and "Reason=BeginTime" in out:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+        time.sleep(0.5)
+
+
+def log_of(tmp: Path, job_id: str) -> str:
+    return "".join(p.read_text() for p in tmp.glob(f"*-{job_id}.out"))
+
+
+def test_sbatch_two_tasks_trains_with_world_size_two(slurm, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    res = sbatch(slurm, tmp_path, "--no-verify-data", DATA_DIR=str(tiny_data), RUN_DIR=str(run), EPOCHS="1")
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip()
+    assert summary(run)["world_size"] == 2 and summary(run)["epochs"] == 1
+    log = log_of(tmp_path, job)
+    assert "restart 0" in log and "exit 0" in log and "test accuracy" in log
+    assert log.count("epoch 1/1") == 1, "only rank 0 prints progress"
+
+
+def test_two_nodes(slurm, tiny_data, tmp_path):
+    """Two slurmd nodes on this machine: a real --nodes=2 job, rendezvous at the first host's name."""
+    run = tmp_path / "run"
+    res = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--", "--no-verify-data", DATA_DIR=str(tiny_data),
+                 RUN_DIR=str(run), EPOCHS="1")
+    assert res.returncode == 0, res.stderr
+    assert "on n[1-2]" in log_of(tmp_path, res.stdout.strip())
+    assert summary(run)["world_size"] == 2
+
+
+def test_bad_flag_fails_fast_and_is_not_requeued(slurm, tiny_data, tmp_path):
+    res = sbatch(slurm, tmp_path, "--lr", "-1", DATA_DIR=str(tiny_data), RUN_DIR=str(tmp_path / "run"))
+    assert res.returncode == 2
+    log = log_of(tmp_path, res.stdout.strip())
+    assert "--lr must be a positive number" in log and "requeueing" not in log
+
+
+def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medium_data, tmp_path):
+    ref = tmp_path / "ref"
+    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    proc = sbatch(slurm, tmp_path, *FLAGS, wait=False, DATA_DIR=str(medium_data), RUN_DIR=str(run))
+    job = proc.stdout.readline().strip()
+    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
+    # what Slurm's --signal=USR1@90 does near the time limit: USR1 to the srun tasks (the ranks)
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    # sbatch --wait may return when the job is requeued, so follow the job's own log to its end
+    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
+    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
+    kicker.start()
+    wait_for(finished, timeout=300, what="the requeued job to finish")
+    proc.kill()
+    log = log_of(tmp_path, job)
+    assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
+    p, q = params(final_ckpt(run)), params(final_ckpt(ref))
+    assert all(torch.equal(p[k], q[k]) for k in p), "the resumed job ends with the uninterrupted job's model"
+    assert summary(run)["test_acc"] == summary(ref)["test_acc"]
+
+
+def submit(slurm: dict, tmp: Path, *train_flags: str, extra: tuple = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "launch" / "submit.py"), "--ntasks-per-node", "2", "--time", "10",
+           "--folder", str(tmp / "submitit" / "%j"), *extra, "--", *train_flags]
+    return subprocess.run(cmd, env=slurm, capture_output=True, text=True, timeout=300, cwd=tmp)
+
+
+def test_submitit_launcher_returns_the_summary(slurm, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    res = submit(slurm, tmp_path, "--data-dir", str(tiny_data), "--run-dir", str(run), "--epochs", "1",
+                 "--no-verify-data", extra=("--wait",))
+    assert res.returncode == 0, res.stderr
+    assert "submitted job" in res.stdout and f"run dir {run}" in res.stdout and "stdout" in res.stdout
+    result = json.loads(res.stdout[res.stdout.index("{"):])
+    assert result["world_size"] == 2 and result["test_acc"] == summary(run)["test_acc"]
+
+
+def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data, tmp_path):
+    """job._interrupt(): SIGTERM (bypassed) then USR2 to the tasks; checkpoint(), requeue, resume."""
+    ref = tmp_path / "ref"
+    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    code = f"""
+import sys, threading, time, subprocess, json
+sys.path.insert(0, {str(ROOT / 'launch')!r})
+import submit
+from mnist_dist.slurm_job import TrainJob
+args = submit.launcher_parser("").parse_args(["--ntasks-per-node", "2", "--time", "10", "--folder", {str(tmp_path / 'sub' / '%j')!r}])
+job = submit.make_executor(args).submit(TrainJob({[*FLAGS, "--data-dir", str(medium_data), "--run-dir", str(run)]!r}))
+from pathlib import Path
+m = Path({str(run / 'metrics.jsonl')!r})
+while not (m.exists() and any(json.loads(l).get("step", 0) >= 100 for l in m.read_text().splitlines())):
+    time.sleep(0.01)
+job._interrupt()
+done = False
+def kick():
+    while not done:
+        out = subprocess.run(["scontrol", "show", "job", job.job_id, "-o"], capture_output=True, text=True).stdout
+        if "JobState=PENDING" in out and "Reason=BeginTime" in out:
+            subprocess.run(["scontrol", "update", f"JobId={{job.job_id}}", "StartTime=now"])
+        time.sleep(0.5)
+threading.Thread(target=kick, daemon=True).start()
+print(json.dumps(job.results()[0]["test_acc"]))
+done = True
+"""
+    res = subprocess.run([sys.executable, "-c", code], env=slurm, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "sub").rglob("*_log.*"))
+    assert "resuming at epoch 1" in logs
+    p, q = params(final_ckpt(run)), params(final_ckpt(ref))
+    assert all(torch.equal(p[k], q[k]) for k in p)
+    assert float(res.stdout.split()[-1]) == summary(ref)["test_acc"]
+
+
+def test_array_sweep_and_report(slurm, tiny_data, tmp_path):
+    sweep = tmp_path / "sweep"
+    res = sbatch(slurm, tmp_path, "--array=0-2", "--", "--no-verify-data", script="slurm/sweep.sbatch",
+                 DATA_DIR=str(tiny_data), SWEEP_DIR=str(sweep), GRID="hidden=16,32,64", EPOCHS="1")
+    assert res.returncode == 0, res.stderr
+    runs = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
+    assert runs == ["hidden=16", "hidden=32", "hidden=64"]
+    rep = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "sweep-report", str(sweep)], cwd=ROOT,
+                         env=job_env(), capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert rep.stdout.count("hidden=") == 3 and "test_acc" in rep.stdout
+    assert (sweep / "sweep.png").stat().st_size > 5000
