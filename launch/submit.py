@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mnist_dist.config import parse_config  # noqa: E402
+from mnist_dist.config import UsageError, parse_config  # noqa: E402
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 
 
@@ -65,10 +65,25 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def world_size(args: argparse.Namespace) -> int:
+    return args.nodes * (args.ntasks_per_node or args.gpus_per_node or 1)
+
+
+def checked_config(train_argv: list[str], args: argparse.Namespace):
+    """Bad train flags fail here, before anything is queued."""
+    cfg = parse_config(train_argv)
+    cfg.validate(world_size(args))
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ours, train_argv = split_argv(sys.argv[1:] if argv is None else argv)
     args = launcher_parser(__doc__).parse_args(ours)
-    cfg = parse_config(train_argv)  # bad train flags fail here, before anything is queued
+    try:
+        cfg = checked_config(train_argv, args)
+    except UsageError as err:
+        print(f"mnist-dist: error: {err}", file=sys.stderr)
+        return err.exit_code
     job = make_executor(args).submit(TrainJob(train_argv))
     print(f"submitted job {job.job_id}\n  stdout {job.paths.stdout}\n  stderr {job.paths.stderr}\n"
           f"  run dir {Path(cfg.run_dir).resolve()}\n  W&B: mode {cfg.wandb}, project {cfg.wandb_project} "

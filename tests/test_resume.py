@@ -172,3 +172,18 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_data, 
     assert "loss became nan at step" in res.stderr or "loss became inf at step" in res.stderr
     for ckpt in (run2 / "checkpoints").glob("ckpt-*.pt"):
         assert all(torch.isfinite(v).all() for v in torch.load(ckpt, weights_only=True)["model"].values())
+
+
+def test_cnn_with_dropout_resumes_exactly(medium_data, tmp_path):
+    """The CNN draws dropout masks from the RNG: the checkpoint's RNG state makes its resume exact too."""
+    flags = ("--model", "cnn", "--epochs", "1", "--batch-size", "8", "--log-every", "10")
+    ref = tmp_path / "ref"
+    res = run_train(1, medium_data, ref, *flags)
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    proc = start_train(1, medium_data, run, *flags)
+    send_when_step(proc, run, signal.SIGUSR1, 50)
+    proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED
+    assert run_train(1, medium_data, run, *flags).returncode == 0
+    assert_same_model(run, ref)
