@@ -49,7 +49,6 @@ def checkpoint_ms(run_dir: Path) -> tuple[float, float]:
     """Save (fsync included) and load of the MLP's checkpoint, median of 20, in ms."""
     import statistics
 
-    import torch
 
     from mnist_dist import checkpoint
 

@@ -28,7 +28,7 @@ def cmd_download(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None, help="MNIST root (default: $MNIST_DATA_DIR or ./data)")
     args = p.parse_args(argv)
     from . import data
-    from .config import Config, config_from_args, build_parser
+    from .config import config_from_args, build_parser
 
     data_dir = args.data_dir or config_from_args(build_parser().parse_args([])).data_dir
     data.fetch(data_dir, download=True)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import PROCESS_START, checkpoint, data, distributed
 from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config
 from .distributed import DistEnv, agree
-from .evaluate import Evaluation, evaluate
+from .evaluate import evaluate
 from .model import build
 from .preempt import EXIT_OK, Diverged, Preempted, StopFlag
 from .tracking import NullTracker, make_tracker

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import REAL_DATA, ROOT, job_env, run_train, summary

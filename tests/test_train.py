@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REAL_DATA, ROOT, final_ckpt, job_env, metrics, params, run_train, summary
 

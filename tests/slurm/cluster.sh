@@ -33,6 +33,11 @@ start() {
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munge.seed"
     # nodes: each half of this machine's memory (RealMemory must not exceed what slurmd measures)
     local mem; mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p'); mem=$((mem * 95 / 100 / 2))
+    # three free ports (controller, node 1, node 2): another Slurm on this machine must not answer for us
+    local ports; ports=($(python3 -c 'import socket
+ss = [socket.socket() for _ in range(3)]
+for s in ss: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in ss])'))
     cat > "$DIR/etc/slurm.conf" <<CONF
 ClusterName=mnisttest
 SlurmctldHost=$host(127.0.0.1)
@@ -56,13 +61,13 @@ SlurmdParameters=config_overrides
 StateSaveLocation=$DIR/state
 SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=${ports[0]}
+SlurmdPort=${ports[1]}
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmdLogFile=$DIR/log/slurmd-%n.log
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=6818 CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=$mem
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=6819 CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=$mem
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=${ports[1]} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=$mem
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=${ports[2]} CPUs=4 Boards=1 SocketsPerBoard=1 CoresPerSocket=4 ThreadsPerCore=1 RealMemory=$mem
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 CONF
     export SLURM_CONF="$DIR/etc/slurm.conf"
@@ -72,7 +77,13 @@ CONF
     slurmd -f "$SLURM_CONF" -N n1
     slurmd -f "$SLURM_CONF" -N n2
     for _ in $(seq 1 150); do
-        if [ "$(sinfo -h -o '%T' 2>/dev/null | sort -u | tr '\n' ' ')" = "idle " ]; then echo "slurm up: SLURM_CONF=$SLURM_CONF"; return 0; fi
+        if [ "$(sinfo -h -o '%T' 2>/dev/null | sort -u | tr '\n' ' ')" = "idle " ]; then
+            local f
+            for f in "$DIR"/run/slurmctld.pid "$DIR"/run/slurmd-n1.pid "$DIR"/run/slurmd-n2.pid; do
+                alive "$f" || { echo "a daemon died at start ($f); logs in $DIR/log" >&2; return 1; }
+            done
+            echo "slurm up: SLURM_CONF=$SLURM_CONF"; return 0
+        fi
         sleep 0.2
     done
     echo "slurm did not come up; logs in $DIR/log" >&2; sinfo >&2 || true; return 1
