@@ -29,7 +29,7 @@ class Config:
     # model and optimisation
     model: str = field(default="mlp", metadata={"help": "mlp (784-H-10) or cnn", "choices": ["mlp", "cnn"]})
     hidden: int = field(default=128, metadata={"help": "hidden units of the MLP"})
-    epochs: int = field(default=4, metadata={"help": "passes over the 60,000 training images"})
+    epochs: int = field(default=5, metadata={"help": "passes over the 60,000 training images"})
     batch_size: int = field(default=64, metadata={"help": "GLOBAL batch; each rank takes batch_size / world_size"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     lr_decay: float = field(default=1.0, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})

@@ -53,8 +53,8 @@ class Preempted(Exception):
     exit_code = EXIT_PREEMPTED
 
     def __init__(self, signum: int, step: int, checkpoint: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}; "
-                         f"run the same command again to resume")
+        by = signal.Signals(signum).name if signum else "a signal to another rank"
+        super().__init__(f"stopped by {by} at step {step}; checkpoint {checkpoint}; run the same command again to resume")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 

@@ -116,7 +116,8 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     epoch, batch, step, history, run_id = 0, 0, 0, [], None
     tally = [0.0, 0, 0.0, 0]  # this epoch so far, over all ranks: loss sum, steps, right answers, samples
     if state is None:
-        ckpt.clear()  # only reached with --overwrite or an empty checkpoint folder
+        if cfg.resume == "never":
+            ckpt.clear()  # find_resume_state refused this unless --overwrite was given
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -184,7 +185,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
             if (save_now or stopping) and batch < steps_per_epoch:  # at an epoch end, the code below saves
                 path = ckpt.save(make_state)
                 if stopping:
-                    raise Preempted(stop.signum or signal.SIGTERM, step, str(path))
+                    raise Preempted(stop.signum, step, str(path))
             t_sync = time.perf_counter()  # checkpointing and logging are not training time
         train_seconds += epoch_seconds
 
@@ -204,7 +205,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
                     f"train_acc {n_correct / max(n_seen, 1):.2%}  test_acc {test_acc:.2%}  "
                     f"{n_seen / max(epoch_seconds, 1e-9):,.0f} samples/s  elapsed {elapsed:.1f}s  eta {eta:.1f}s")
         if distributed.all_sum([float(stop.signum)], device)[0] > 0 and epoch < cfg.epochs:
-            raise Preempted(stop.signum or signal.SIGTERM, step, str(path))
+            raise Preempted(stop.signum, step, str(path))
 
     # --- summary ----------------------------------------------------------------------------------
     if last_eval is None and env.is_main:  # resumed a finished run: evaluate what it saved
