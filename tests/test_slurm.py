@@ -54,12 +54,20 @@ def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch",
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+SETTLE_S = 3  # a restart within ~0.2 s of the requeue can hit "Job credential revoked" and fail the job
+
+
 def kick_requeued(env: dict, job_id: str, until) -> None:
-    """Skip Slurm's 2-minute BeginTime delay after a requeue (from outside the job, as on a cluster)."""
+    """Skip Slurm's 2-minute BeginTime delay after a requeue (from outside the job, as on a cluster),
+    once the old incarnation has had a few seconds to clean up."""
+    pending_since = None
     while not until():
         out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=env, capture_output=True, text=True).stdout
         if "JobState=PENDING" in out and "Reason=BeginTime" in out:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since >= SETTLE_S:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+                pending_since = None
         time.sleep(0.5)
 
 
@@ -141,7 +149,7 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data,
     assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
     code = f"""
-import sys, threading, time, subprocess, json
+import os, sys, threading, time, subprocess, json
 sys.path.insert(0, {str(ROOT / 'launch')!r})
 import submit
 from mnist_dist.slurm_job import TrainJob
@@ -152,16 +160,12 @@ m = Path({str(run / 'metrics.jsonl')!r})
 while not (m.exists() and any(json.loads(l).get("step", 0) >= 100 for l in m.read_text().splitlines())):
     time.sleep(0.01)
 job._interrupt()
-done = False
-def kick():
-    while not done:
-        out = subprocess.run(["scontrol", "show", "job", job.job_id, "-o"], capture_output=True, text=True).stdout
-        if "JobState=PENDING" in out and "Reason=BeginTime" in out:
-            subprocess.run(["scontrol", "update", f"JobId={{job.job_id}}", "StartTime=now"])
-        time.sleep(0.5)
-threading.Thread(target=kick, daemon=True).start()
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from test_slurm import kick_requeued
+done = []
+threading.Thread(target=kick_requeued, args=(dict(os.environ), job.job_id, lambda: done), daemon=True).start()
 print(json.dumps(job.results()[0]["test_acc"]))
-done = True
+done.append(1)
 """
     res = subprocess.run([sys.executable, "-c", code], env=slurm, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -138,3 +138,13 @@ def test_default_run_reaches_97_percent_on_real_mnist(tmp_path):
     s = summary(tmp_path / "run")
     assert s["test_images"] == 10000 and s["world_size"] == 2
     assert s["test_acc"] >= 0.97, s
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not REAL_DATA, reason="MNIST_DATA_DIR is not set (CI sets it to ../shared/data)")
+def test_download_command_verifies_present_files():
+    """On a login node: `mnist-dist download` checks what is there and fetches nothing."""
+    res = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "download", "--data-dir", REAL_DATA], cwd=ROOT,
+                         env=job_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "present and verified" in res.stdout

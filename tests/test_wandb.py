@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from conftest import job_env, metrics, run_train, send_when_step, start_train, summary
-from wandb_records import summarize
+from wandb_records import records, summarize
 from mnist_dist.wandb_mirror import resolve_mode
 
 
@@ -17,7 +17,7 @@ def run_files(run_dir):
 def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path):
     run = tmp_path / "run"
     res = run_train(1, tiny_data, run, "--epochs", "2", "--log-every", "4", "--wandb", "offline",
-                    "--wandb-tags", "a,b", env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"))
+                    "--wandb-tags", "a,b", "--wandb-log-model", env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"))
     assert res.returncode == 0, res.stderr
     assert "W&B offline run in" in res.stdout and "wandb sync" in res.stdout
     [log] = run_files(run)
@@ -34,6 +34,8 @@ def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path)
     media = log.parent / "files"
     assert (media / images[1]["predictions/path"]).stat().st_size > 5000
     assert got["summary"]["test_acc"] == summary(run)["test_acc"]
+    models = [r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+    assert len(models) == 1 and models[0].name.startswith("model-"), "--wandb-log-model uploads the best checkpoint"
     leaked = [p for p in run.rglob("*") if p.is_file() and b"secret-key-123" in p.read_bytes()]
     assert not leaked, f"the API key was written to {leaked}"
 
