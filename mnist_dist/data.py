@@ -69,8 +69,9 @@ def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
         MNIST(data_dir, train=True, download=True)
         MNIST(data_dir, train=False, download=True)
     except Exception as err:  # network, disk, mirror errors: all end the same way for the user
+        reason = " ".join(str(err).split())[:300]  # one line, however long the mirror's story
         raise UsageError(
-            f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {err}); on an "
+            f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {reason}); on an "
             f"offline machine put the four IDX files there and pass --no-download"
         ) from None
     check_files(data_dir, verify)
