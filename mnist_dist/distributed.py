@@ -28,6 +28,8 @@ class DistEnv:
     world_size: int
     master_addr: str
     master_port: int
+    restart: int = 0            # torchrun's restart round (TORCHELASTIC_RESTART_COUNT)
+    agent_store: bool = False   # torchrun's agent already serves the store at master_addr:master_port
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +58,8 @@ def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     if "RANK" in environ and "WORLD_SIZE" in environ:
         get = environ.get
         return DistEnv(int(get("RANK")), int(get("LOCAL_RANK", get("RANK"))), int(get("WORLD_SIZE")),
-                       get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", "29500")))
+                       get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", "29500")),
+                       int(get("TORCHELASTIC_RESTART_COUNT", "0")), get("TORCHELASTIC_USE_AGENT_STORE") == "True")
     if "SLURM_STEP_NUM_TASKS" in environ:  # inside an srun step: each task is one rank
         job = environ.get("SLURM_JOB_ID", "0")
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]),
@@ -84,11 +87,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
     """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-        world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=timeout,
+                          is_master=env.rank == 0 and not env.agent_store)
+    # each torchrun restart round gets its own key space: after a worker died, the restarted group
+    # must not read the dead group's addresses (gloo would try them and fail to connect)
+    store = dist.PrefixStore(f"mnist-dist/attempt-{env.restart}", store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
 
 
 def shutdown(clean: bool) -> None:

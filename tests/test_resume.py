@@ -21,10 +21,22 @@ FLAGS = ("--epochs", "2", "--batch-size", "8", "--log-every", "10", "--seed", "5
 @pytest.fixture(scope="module")
 def reference(medium_data, tmp_path_factory):
     """An uninterrupted one-process run to compare against."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    res = run_train(1, medium_data, run, *FLAGS)
+    return trained(1, medium_data, tmp_path_factory.mktemp("reference") / "run", *FLAGS)
+
+
+def trained(nproc, data, run, *flags):
+    """An uninterrupted run that must succeed."""
+    res = run_train(nproc, data, run, *flags)
     assert res.returncode == 0, res.stderr
     return run
+
+
+def interrupted(nproc, data, run, sig, at_step, *flags):
+    """Start a run, send `sig` once it logged step `at_step`, wait for it: (exit code, stderr)."""
+    proc = start_train(nproc, data, run, *flags)
+    send_when_step(proc, run, sig, at_step)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
 
 
 def assert_same_model(run, reference):
@@ -37,10 +49,8 @@ def assert_same_model(run, reference):
 def test_signal_checkpoints_mid_epoch_and_resume_is_exact(medium_data, tmp_path, reference, sig):
     """A stop signal mid-epoch: checkpoint, exit 75; the same command resumes to bitwise the same model."""
     run = tmp_path / "run"
-    proc = start_train(1, medium_data, run, *FLAGS)
-    send_when_step(proc, run, sig, 100)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED, err
+    code, err = interrupted(1, medium_data, run, sig, 100, *FLAGS)
+    assert code == EXIT_PREEMPTED, err
     assert f"stopped by {signal.Signals(sig).name}" in err and "run the same command again" in err
     state = torch.load(final_ckpt(run), weights_only=True)
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 1024, "interrupted in the middle of epoch 1"
@@ -55,14 +65,10 @@ def test_signal_checkpoints_mid_epoch_and_resume_is_exact(medium_data, tmp_path,
 
 def test_sigterm_to_torchrun_then_resume_with_two_ranks(medium_data, tmp_path):
     """torchrun forwards SIGTERM to its workers: both ranks agree, rank 0 checkpoints, the rerun resumes."""
-    ref = tmp_path / "ref"
-    res = run_train(2, medium_data, ref, *FLAGS)
-    assert res.returncode == 0, res.stderr
+    ref = trained(2, medium_data, tmp_path / "ref", *FLAGS)
     run = tmp_path / "run"
-    proc = start_train(2, medium_data, run, *FLAGS)
-    send_when_step(proc, run, signal.SIGTERM, 100)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    code, err = interrupted(2, medium_data, run, signal.SIGTERM, 100, *FLAGS)
+    assert code != 0
     assert "stopped by SIGTERM" in err
     res = run_train(2, medium_data, run, *FLAGS)
     assert res.returncode == 0, res.stderr
@@ -71,9 +77,7 @@ def test_sigterm_to_torchrun_then_resume_with_two_ranks(medium_data, tmp_path):
 
 def test_killed_worker_is_restarted_by_torchrun_and_finishes(medium_data, tmp_path, reference):
     """kill -9 of one worker under --max-restarts: the group restarts from the newest checkpoint."""
-    ref = tmp_path / "ref"
-    res = run_train(2, medium_data, ref, *FLAGS, "--ckpt-every", "100")
-    assert res.returncode == 0, res.stderr
+    ref = trained(2, medium_data, tmp_path / "ref", *FLAGS, "--ckpt-every", "100")
     run = tmp_path / "run"
     proc = start_train(2, medium_data, run, *FLAGS, "--ckpt-every", "100", restarts=2)
     wait_for(lambda: any(p.name.startswith("ckpt-") for p in (run / "checkpoints").glob("*.pt")), what="a checkpoint")
@@ -177,13 +181,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_data, 
 def test_cnn_with_dropout_resumes_exactly(medium_data, tmp_path):
     """The CNN draws dropout masks from the RNG: the checkpoint's RNG state makes its resume exact too."""
     flags = ("--model", "cnn", "--epochs", "1", "--batch-size", "8", "--log-every", "10")
-    ref = tmp_path / "ref"
-    res = run_train(1, medium_data, ref, *flags)
-    assert res.returncode == 0, res.stderr
+    ref = trained(1, medium_data, tmp_path / "ref", *flags)
     run = tmp_path / "run"
-    proc = start_train(1, medium_data, run, *flags)
-    send_when_step(proc, run, signal.SIGUSR1, 50)
-    proc.communicate(timeout=60)
-    assert proc.returncode == EXIT_PREEMPTED
+    assert interrupted(1, medium_data, run, signal.SIGUSR1, 50, *flags)[0] == EXIT_PREEMPTED
     assert run_train(1, medium_data, run, *flags).returncode == 0
     assert_same_model(run, ref)
