@@ -70,10 +70,28 @@ def run_train(nproc: int, data: Path, run_dir: Path, *flags: str, timeout: float
     return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
 
 
+STARTED: list[subprocess.Popen] = []
+
+
 def start_train(nproc: int, data: Path, run_dir: Path, *flags: str, restarts: int = 0) -> subprocess.Popen:
+    """A training run in the background, in its own process group (killed after the test if still alive)."""
     cmd = train_cmd(nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
                     restarts=restarts)
-    return subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_runs():
+    """A failed test must not leave training processes behind (they would compete with later tests)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
@@ -109,5 +127,3 @@ def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: in
     assert proc.poll() is None, f"run ended before step {min_step}: {proc.communicate()}"
     proc.send_signal(sig)
 
-
-__all__ = ["signal"]

@@ -92,6 +92,14 @@ CONF
 stop() {
     DIR=$(cd "$DIR" 2>/dev/null && pwd) || return 0
     local pids=() f
+    # cancel what still runs first: slurmstepd and the job's processes would outlive the daemons
+    if alive "$DIR/run/slurmctld.pid"; then
+        SLURM_CONF="$DIR/etc/slurm.conf" scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            [ -z "$(SLURM_CONF="$DIR/etc/slurm.conf" squeue -h -t running,completing 2>/dev/null)" ] && break
+            sleep 0.2
+        done
+    fi
     for f in "$DIR"/run/slurmd-n1.pid "$DIR"/run/slurmd-n2.pid "$DIR"/run/slurmctld.pid "$DIR"/munge/munged.pid; do
         if alive "$f"; then pids+=("$(cat "$f")"); kill -TERM "$(cat "$f")" 2>/dev/null || true; fi
     done
