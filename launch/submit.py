@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mnist_dist.config import UsageError, parse_config  # noqa: E402
+from mnist_dist.config import UsageError, parse_config, print_error  # noqa: E402
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = checked_config(train_argv, args)
     except UsageError as err:
-        print(f"mnist-dist: error: {err}", file=sys.stderr)
+        print_error(err)
         return err.exit_code
     job = make_executor(args).submit(TrainJob(train_argv))
     print(f"submitted job {job.job_id}\n  stdout {job.paths.stdout}\n  stderr {job.paths.stderr}\n"

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from submit import checked_config, launcher_parser, make_executor, split_argv  # noqa: E402
 
-from mnist_dist.config import UsageError  # noqa: E402
+from mnist_dist.config import UsageError, print_error  # noqa: E402
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 from mnist_dist.sweep import expand, point_flags, point_name  # noqa: E402
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         for argv_ in jobs_argv:
             checked_config(argv_, args)
     except UsageError as err:
-        print(f"mnist-dist: error: {err}", file=sys.stderr)
+        print_error(err)
         return err.exit_code
     executor = make_executor(args)
     with executor.batch():  # one Slurm job array

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import UsageError
+from .config import UsageError, print_error
 
 USAGE = """usage: mnist-dist COMMAND [ARGS]
 
@@ -42,18 +42,9 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None, help="MNIST root (default: the one saved in the checkpoint, or $MNIST_DATA_DIR)")
     p.add_argument("--no-verify-data", dest="verify", action="store_false", help="skip the SHA-256 check of the raw files")
     args = p.parse_args(argv)
-    import os
+    from . import inference
 
-    import torch
-
-    from . import data, inference
-    from .evaluate import evaluate
-
-    model, cfg = inference.load_model(args.checkpoint)
-    data_dir = args.data_dir or os.environ.get("MNIST_DATA_DIR") or cfg["data_dir"]
-    data.check_files(data_dir, args.verify)
-    images, labels = data.load(data_dir, train=False, device=torch.device("cpu"))
-    result = evaluate(model, images, labels)
+    _, cfg, _, labels, result = inference.evaluate_checkpoint(args.checkpoint, args.data_dir, args.verify)
     print(f"test_acc {result.acc:.4f}  test_loss {result.loss:.4f}  ({len(labels)} images, {cfg['model']})")
     return 0
 
@@ -123,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UsageError as err:
-        print(f"mnist-dist: error: {err}", file=sys.stderr)
+        print_error(err)
         return err.exit_code
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -17,6 +18,11 @@ class UsageError(Exception):
     """A problem the user can fix (bad flag, missing data, bad checkpoint): one line, non-zero exit."""
 
     exit_code = 2
+
+
+def print_error(err: object) -> None:
+    """The one line a user sees for a problem they can fix."""
+    print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from .config import UsageError
+from .config import UsageError, print_error
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def agree(fn: Callable[[], Any], run_here: bool, is_main: bool, device: torch.de
         except UsageError as err:
             error = err
             if not is_main:  # rank 0 may not know this one: say it here
-                print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
+                print_error(err)
     failed = all_sum([1.0 if error else 0.0], device)[0]
     if error:
         raise error

@@ -25,6 +25,22 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
     return model.eval(), cfg
 
 
+def evaluate_checkpoint(path: str, data_dir: str | None = None, verify: bool = True):
+    """Load a checkpoint and evaluate it on the test split: (model, saved config, images, labels, result).
+
+    The data dir is the one given, else $MNIST_DATA_DIR, else the one saved in the checkpoint.
+    """
+    import os
+
+    from .evaluate import evaluate
+
+    model, cfg = load_model(path)
+    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR") or cfg["data_dir"]
+    data.check_files(data_dir, verify)
+    images, labels = data.load(data_dir, train=False, device=torch.device("cpu"))
+    return model, cfg, images, labels, evaluate(model, images, labels)
+
+
 def to_mnist(path: str, invert: bool | None = None) -> torch.Tensor:
     """An image file as a normalised [1, 28, 28] tensor that looks like an MNIST digit.
 

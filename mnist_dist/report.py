@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, inference, plots
+from . import checkpoint, inference, plots
 from .config import UsageError
-from .evaluate import evaluate
 
 
 def pick_grid(result, labels: torch.Tensor, n: int, mistakes_only: bool) -> torch.Tensor:
@@ -27,11 +25,7 @@ def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n:
     found = checkpoint.newest_valid(checkpoint.folder(run))
     if found is None:
         raise UsageError(f"no checkpoint in {checkpoint.folder(run)}: train first")
-    model, cfg = inference.load_model(str(found[1]))
-    data_dir = data_dir or os.environ.get("MNIST_DATA_DIR") or cfg["data_dir"]
-    data.check_files(data_dir, verify and cfg.get("verify_data", True))
-    images, labels = data.load(data_dir, train=False, device=torch.device("cpu"))
-    result = evaluate(model, images, labels)
+    _, _, images, labels, result = inference.evaluate_checkpoint(str(found[1]), data_dir, verify)
     metrics = run / "metrics.jsonl"
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     out_dir = Path(out) if out else run

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import Config, UsageError, flag
+from .config import Config, UsageError, flag, print_error
 
 
 def expand(grid: list[str]) -> list[dict]:
@@ -91,6 +91,6 @@ if __name__ == "__main__":
         try:
             sys.exit(point_main(sys.argv[2:]))
         except UsageError as err:
-            print(f"mnist-dist: error: {err}", file=sys.stderr)
+            print_error(err)
             sys.exit(2)
     sys.exit(main())

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import PROCESS_START, checkpoint, data, distributed
-from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config
+from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config, print_error
 from .distributed import DistEnv, agree
-from .evaluate import evaluate
+from .evaluate import Evaluation, evaluate
 from .model import build
 from .preempt import EXIT_OK, Diverged, Preempted, StopFlag
 from .tracking import NullTracker, make_tracker
@@ -51,9 +51,10 @@ class Checkpointer:
         self.best_acc = -1.0
 
     def clear(self) -> None:
+        if not self.enabled:
+            return
         for path in (*checkpoint.listed(self.dir), self.dir / "best.pt"):
-            if self.enabled:
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
     def save(self, make_state, test_acc: float | None = None) -> Path:
         path = self.dir / "(rank 0 only)"
@@ -62,6 +63,11 @@ class Checkpointer:
             path = checkpoint.save(make_state(), self.dir, self.keep_last, is_best)
         self.best_acc = max(self.best_acc, test_acc if test_acc is not None else -1.0)
         return path
+
+
+def shared_eval(result: Evaluation | None, device: torch.device) -> list[float]:
+    """Rank 0's test loss and accuracy on every rank (the others wait here while rank 0 evaluates)."""
+    return distributed.broadcast_from_main([result.loss, result.acc] if result else [0.0, 0.0], device)
 
 
 def find_resume_state(cfg: Config, device: torch.device) -> dict | None:
@@ -190,7 +196,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
 
         # --- epoch end: rank 0 evaluates the unwrapped model while the others wait for its numbers --
         last_eval = evaluate(model, test_x, test_y) if env.is_main else None
-        test_loss, test_acc = distributed.broadcast_from_main([last_eval.loss, last_eval.acc] if last_eval else [0.0, 0.0], device)
+        test_loss, test_acc = shared_eval(last_eval, device)
         loss_sum, n_steps, n_correct, n_seen = tally
         epoch, batch, tally = epoch + 1, 0, [0.0, 0, 0.0, 0]
         tracker.log({"step": step, "epoch": epoch, "train_loss_epoch": loss_sum / max(n_steps, 1),
@@ -209,7 +215,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     # --- summary ----------------------------------------------------------------------------------
     if last_eval is None and env.is_main:  # resumed a finished run: evaluate what it saved
         last_eval = evaluate(model, test_x, test_y)
-    test_loss, test_acc = distributed.broadcast_from_main([last_eval.loss, last_eval.acc] if last_eval else [0.0, 0.0], device)
+    test_loss, test_acc = shared_eval(last_eval, device)
     return {
         "test_acc": test_acc, "test_loss": test_loss,
         "per_class_acc": last_eval.per_class_acc if last_eval else None,
@@ -233,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return stopped.exit_code
     except (UsageError, Diverged) as err:
         if env.is_main:
-            print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
+            print_error(err)
         return err.exit_code
     if env.is_main:
         print(f"test accuracy {summary['test_acc']:.2%}, summary in {Path(summary['run_dir']) / 'summary.json'}", flush=True)
