@@ -75,9 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def check_device(requested: str) -> None:
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was requested but no CUDA GPU is visible (use --device cpu or auto)")
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK when asked for and visible, else the CPU (check_device reports a bad request)."""
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -137,9 +141,9 @@ def agree(fn: Callable[[], Any], run_here: bool, is_main: bool, device: torch.de
             result = fn()
         except UsageError as err:
             error = err
-            if not is_main:  # rank 0 may not know this one: say it here
-                print_error(err)
-    failed = all_sum([1.0 if error else 0.0], device)[0]
+    failed, main_failed = all_sum([1.0 if error else 0.0, 1.0 if error and is_main else 0.0], device)
+    if error and not main_failed:  # rank 0 does not know this one: say it here
+        print_error(error)
     if error:
         raise error
     if failed:

@@ -29,15 +29,22 @@ from .tracking import NullTracker, make_tracker
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
     """Join the process group, train, evaluate on rank 0, and leave the group again."""
     env = env or distributed.read_env()
-    cfg.validate(env.world_size)
     device = distributed.pick_device(cfg.device, env.local_rank)
     distributed.init(env, device)
     tracker = make_tracker(env.is_main, cfg.run_dir)
     summary = None
     try:
+        agree(lambda: (cfg.validate(env.world_size), distributed.check_device(cfg.device)), True, env.is_main, device)
         with StopFlag() as stop:
             summary = fit(cfg, env, device, tracker, stop)
         return summary
+    except (UsageError, Diverged, Preempted) as err:  # raised by every rank at the same point
+        if env.is_main and not isinstance(err, distributed.PeerFailed):
+            announce(err)
+        err.reported = True
+        # a launcher kills the other ranks as soon as one exits: none leaves before rank 0 said why
+        torch.distributed.barrier()
+        raise
     finally:
         tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
         distributed.shutdown(clean=summary is not None)
@@ -109,8 +116,9 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     # --- data: local rank 0 checks (and downloads) while the others wait for its verdict ---------
     agree(lambda: data.fetch(cfg.data_dir, cfg.download, cfg.verify_data), env.is_local_main, env.is_main, device)
     agree(lambda: check_run_dir(cfg), env.is_main, env.is_main, device)
-    train_x, train_y = data.load(cfg.data_dir, train=True, device=device)
-    test_x, test_y = data.load(cfg.data_dir, train=False, device=device) if env.is_main else (None, None)
+    train_x, train_y = agree(lambda: data.load(cfg.data_dir, train=True, device=device), True, env.is_main, device)
+    test_x, test_y = agree(lambda: data.load(cfg.data_dir, train=False, device=device), env.is_main, env.is_main,
+                           device) or (None, None)
 
     # --- model, optimizer, and the point to resume from -----------------------------------------
     torch.manual_seed(cfg.seed)
@@ -228,18 +236,21 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     }
 
 
+def announce(err: Exception) -> None:
+    if isinstance(err, Preempted):
+        print(f"mnist-dist: {err}", file=sys.stderr, flush=True)
+    else:
+        print_error(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m mnist_dist.train` and `mnist-dist train`: returns the exit code."""
     env = distributed.read_env()
     try:
         summary = train(parse_config(argv), env)
-    except Preempted as stopped:
-        if env.is_main:
-            print(f"mnist-dist: {stopped}", file=sys.stderr, flush=True)
-        return stopped.exit_code
-    except (UsageError, Diverged) as err:
-        if env.is_main:
-            print_error(err)
+    except (UsageError, Diverged, Preempted) as err:
+        if env.is_main and not getattr(err, "reported", False):
+            announce(err)
         return err.exit_code
     if env.is_main:
         print(f"test accuracy {summary['test_acc']:.2%}, summary in {Path(summary['run_dir']) / 'summary.json'}", flush=True)
