@@ -1,8 +1,7 @@
 """MNIST as tensors on the training device, verified against the official SHA-256 pins.
 
-`prepare(cfg, env)` is called by every rank: local rank 0 checks (and, when allowed, downloads) the
-raw files while the others wait, then all learn the outcome through one collective. Also used by
-`mnist-dist download --data-dir DIR` on a login node.
+`fetch` checks (and, when allowed, downloads) the raw files: the training job runs it on local rank
+0 while the others wait for its verdict; `mnist-dist download --data-dir DIR` runs it on a login node.
 """
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from .config import UsageError
@@ -75,22 +73,6 @@ def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
             f"offline machine put the four IDX files there and pass --no-download"
         ) from None
     check_files(data_dir, verify)
-
-
-def prepare(data_dir: str, download: bool, verify: bool, is_local_main: bool, device: torch.device) -> None:
-    """Local rank 0 fetches/checks; every rank then agrees on the outcome (no hang if rank 0 fails)."""
-    error = ""
-    if is_local_main:
-        try:
-            fetch(data_dir, download, verify)
-        except UsageError as err:
-            error = str(err)
-    failed = torch.tensor([1.0 if error else 0.0], device=device)
-    dist.all_reduce(failed)  # the barrier the other ranks wait at; host-device sync point
-    if error:
-        raise UsageError(error)
-    if failed.item():
-        raise UsageError(f"MNIST data in {raw_dir(data_dir)} failed its check on another node")
 
 
 def load(data_dir: str, train: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
