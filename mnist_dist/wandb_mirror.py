@@ -68,8 +68,8 @@ class WandbMirror:
         grid = plots.prediction_grid(images[:n], result.predictions[:n], labels[:n], title=f"step {step}")
         self.run.log({
             "step": step,
-            "predictions": self.wandb.Image(png(grid), caption="predicted / true (red: wrong)"),
-            "confusion_matrix": self.wandb.Image(png(plots.confusion_matrix(result.confusion))),
+            "predictions": self.wandb.Image(plots.to_image(grid), caption="predicted / true (red: wrong)"),
+            "confusion_matrix": self.wandb.Image(plots.to_image(plots.confusion_matrix(result.confusion))),
             "confusion_matrix_chart": self.wandb.plot.confusion_matrix(
                 y_true=labels.cpu().tolist(), preds=result.predictions.tolist(), class_names=[str(d) for d in range(10)]),
         })
@@ -86,16 +86,6 @@ class WandbMirror:
         artifact = self.wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"model": self.cfg.model})
         artifact.add_file(str(path), name="best.pt")
         self.run.log_artifact(artifact, aliases=["best", "latest"])
-
-
-def png(fig):
-    from io import BytesIO
-
-    from PIL import Image
-
-    from .plots import png_bytes
-
-    return Image.open(BytesIO(png_bytes(fig)))
 
 
 def start_wandb(cfg: Config, run_dir: Path, run_id: str | None) -> WandbMirror | None:
