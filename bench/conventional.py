@@ -1,7 +1,8 @@
 """The conventional pipeline, for comparison: torchvision transforms (ToTensor + Normalize) per sample,
 DataLoader + DistributedSampler, DDP, the same MLP, Adam and global batch. Run by bench/bench.py as
 `torchrun --nproc-per-node N bench/conventional.py DATA_DIR EPOCHS` (prints JSON on rank 0).
-Also times the raw all_reduce of the MLP's gradients (101,770 floats) on this process group."""
+Also times the raw exchanges of the MLP's gradients (101,770 floats) between these processes: gloo's
+all_reduce, and mnist-dist's shared-memory average (what its CPU ranks on one host use)."""
 import json
 import sys
 import time
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 
+from mnist_dist.host_allreduce import attach
 from mnist_dist.model import mlp
 
 
@@ -37,15 +39,23 @@ def main(data_dir: str, epochs: int, global_batch: int = 64) -> None:
             opt.step()
         times.append(time.perf_counter() - t)
     grads = torch.ones(sum(p.numel() for p in model.parameters()))
-    for _ in range(20):
-        dist.all_reduce(grads)
-    t = time.perf_counter()
-    for _ in range(200):
-        dist.all_reduce(grads)
-    allreduce_ms = (time.perf_counter() - t) / 200 * 1e3
+    raw = {"allreduce_ms": time_ms(lambda: dist.all_reduce(grads))}
+    shared = attach(rank, world, grads.numel()) if world > 1 else None
+    if shared:
+        raw["shm_average_ms"] = time_ms(lambda: shared.average(grads))
     if rank == 0:
-        print(json.dumps({"epoch_s": min(times), "allreduce_ms": allreduce_ms, "params": grads.numel()}))
+        print(json.dumps({"epoch_s": min(times), "params": grads.numel(), **raw}))
     dist.destroy_process_group()
+
+
+def time_ms(fn, warmup: int = 20, n: int = 200) -> float:
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e3
 
 
 if __name__ == "__main__":

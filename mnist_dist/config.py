@@ -41,6 +41,7 @@ class Config:
     lr_decay: float = field(default=1.0, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
     # logging and checkpoints
     log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})
     ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at epoch ends)"})

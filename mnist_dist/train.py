@@ -140,8 +140,9 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         tally = list(state["epoch_tally"])
         tracker.say(f"resuming at epoch {epoch + 1}, batch {batch} (step {step}), saved with world size "
                     f"{state['world_size']}, now {W}")
-    ddp = distributed.wrap_ddp(model, device, W)
+    ddp, averaging = distributed.wrap_ddp(model, device, env, cfg.cpu_allreduce)
     tracker.start(cfg, history, run_id)
+    tracker.say(f"{W} rank{'s' if W > 1 else ''} on {device.type}; {averaging}")
 
     def make_state() -> dict:
         return {

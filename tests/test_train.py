@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import REAL_DATA, ROOT, final_ckpt, job_env, metrics, params, run_train, summary
+from conftest import (REAL_DATA, ROOT, final_ckpt, job_env, metrics, params, run_train, start_train, summary,
+                      wait_for)
 
 
 def test_run_dir_holds_config_metrics_summary_and_checkpoints(tiny_data, tmp_path):
@@ -48,11 +52,31 @@ def test_one_and_two_ranks_give_the_same_model(tiny_data, tmp_path):
     assert worst <= 1e-5, f"max abs parameter difference {worst}"
     assert summary(two)["world_size"] == 2
     assert summary(one)["test_acc"] == summary(two)["test_acc"]
+    assert "through shared memory" in r2.stdout, "two CPU ranks on one host average through shared memory"
+    # gloo's all_reduce gives bit for bit the same average of two ranks' gradients
+    r4 = run_train(2, tiny_data, tmp_path / "gloo", *flags, "--cpu-allreduce", "gloo")
+    assert r4.returncode == 0, r4.stderr
+    assert "gloo all_reduce" in r4.stdout
+    p4 = params(final_ckpt(tmp_path / "gloo"))
+    assert all(torch.equal(p2[k], p4[k]) for k in p2)
     # a different seed really gives different parameters (the comparison above can fail)
     r3 = run_train(1, tiny_data, tmp_path / "three", "--epochs", "1", "--batch-size", "32", "--seed", "4")
     assert r3.returncode == 0
     p3 = params(final_ckpt(tmp_path / "three"))
     assert max((p1[k] - p3[k]).abs().max().item() for k in p1) > 1e-3
+
+
+def test_a_dead_rank_ends_the_job_promptly(medium_data, tmp_path):
+    """kill -9 of one rank while the other waits for its gradients: the job exits non-zero, no hang."""
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, "--epochs", "50", "--batch-size", "32")
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2,
+             what="training to start")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
 
 
 def test_console_script_and_toml_config(tiny_data, tmp_path):
