@@ -93,7 +93,6 @@ def main() -> None:
             c = conventional(nproc, args.data_dir, args.conventional_epochs)
             rows.append((nproc, o, c))
         with_wandb = ours(1, args.data_dir, tmp / "wandb", env={k: v for k, v in ENV.items() if k != "WANDB_MODE"})
-        cold = ours(1, args.data_dir, tmp / "cold", env={**ENV, "XDG_CACHE_HOME": str(tmp / "empty-cache")})
         save_ms, load_ms = checkpoint_ms(tmp / "ours1")
         stop_s = signal_to_exit_s(args.data_dir, tmp / "stop")
     print("| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% | test acc | peak RSS/rank |")
@@ -109,8 +108,6 @@ def main() -> None:
           f"({raw['allreduce_ms'] / step_ms:.0%} of the step).")
     print(f"1 process, default W&B mode (auto: offline here, with images each epoch): {with_wandb['wall_s']:.1f} s wall, "
           f"test acc {with_wandb['test_acc']:.2%}")
-    print(f"1 process, W&B off, first run on a machine (empty data cache: torchvision reads the IDX files): "
-          f"{cold['wall_s']:.1f} s wall")
     print(f"checkpoint save (fsync included) {save_ms:.1f} ms, load {load_ms:.1f} ms; "
           f"SIGTERM to exit (checkpoint included) {stop_s:.2f} s")
     print(f"bench wall time {time.perf_counter() - t0:.0f} s")
