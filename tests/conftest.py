@@ -120,6 +120,13 @@ def final_ckpt(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
 
 
+def kill_worker(proc: subprocess.Popen, index: int = 1) -> None:
+    """kill -9 one of the two workers that torchrun (proc) started."""
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[index]), signal.SIGKILL)
+
+
 def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: int) -> None:
     """Send `sig` to proc once metrics.jsonl shows a step >= min_step."""
     wait_for(lambda: any(r.get("step", 0) >= min_step for r in metrics(run_dir)) or proc.poll() is not None,

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, final_ckpt, job_env, metrics, params, run_train, send_when_step, start_train,
-                      summary, wait_for)
+from conftest import (ROOT, final_ckpt, job_env, kill_worker, metrics, params, run_train, send_when_step,
+                      start_train, summary, wait_for)
 from mnist_dist import checkpoint
 from mnist_dist.preempt import EXIT_DIVERGED, EXIT_PREEMPTED
 
@@ -81,9 +81,7 @@ def test_killed_worker_is_restarted_by_torchrun_and_finishes(medium_data, tmp_pa
     run = tmp_path / "run"
     proc = start_train(2, medium_data, run, *FLAGS, "--ckpt-every", "100", restarts=2)
     wait_for(lambda: any(p.name.startswith("ckpt-") for p in (run / "checkpoints").glob("*.pt")), what="a checkpoint")
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGKILL)
+    kill_worker(proc)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "resuming at epoch" in out

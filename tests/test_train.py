@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import (REAL_DATA, ROOT, final_ckpt, job_env, metrics, params, run_train, start_train, summary,
-                      wait_for)
+from conftest import (REAL_DATA, ROOT, final_ckpt, job_env, kill_worker, metrics, params, run_train, start_train,
+                      summary, wait_for)
 
 
 def test_run_dir_holds_config_metrics_summary_and_checkpoints(tiny_data, tmp_path):
@@ -70,11 +68,8 @@ def test_a_dead_rank_ends_the_job_promptly(medium_data, tmp_path):
     """kill -9 of one rank while the other waits for its gradients: the job exits non-zero, no hang."""
     run = tmp_path / "run"
     proc = start_train(2, medium_data, run, "--epochs", "50", "--batch-size", "32")
-    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2,
-             what="training to start")
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGKILL)
+    wait_for(lambda: len(metrics(run)) >= 2, what="training to start")
+    kill_worker(proc)
     proc.communicate(timeout=60)
     assert proc.returncode != 0
 
