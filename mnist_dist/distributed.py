@@ -162,7 +162,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_all
     that share one host average through shared memory (`host_allreduce`) unless told to use gloo.
     """
     if env.world_size == 1:
-        return model, "one rank: no gradients to average"
+        return model, "no gradients to average"
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
