@@ -88,6 +88,11 @@ def load(data_dir: str, train: bool, device: torch.device) -> tuple[torch.Tensor
     return images, ds.targets.to(device)
 
 
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to [N, 28, 28] ink in [0, 1] on the CPU, for pictures."""
+    return (images.detach().float().reshape(-1, 28, 28) * STD + MEAN).clamp_(0, 1).cpu()
+
+
 def epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """This rank's sample order for one epoch, from DistributedSampler (shuffled by seed and epoch).
 

@@ -1,30 +1,29 @@
 """Pictures of a run, as pure functions of data -> matplotlib Figure (no pyplot state, nothing leaks).
 
-Used by `mnist-dist report RUN_DIR`, by the W&B mirror after each evaluation, and by the notebook.
+Used by `mnist-dist report RUN_DIR`, by the W&B mirror process after each evaluation, and by the
+notebook. Inputs are array-likes on the CPU (NumPy arrays or CPU tensors): this module does not need torch.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import numpy as np
 from matplotlib.figure import Figure
-
-from .data import MEAN, STD
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
-def prediction_grid(images: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, cols: int = 8,
-                    title: str = "predicted / true") -> Figure:
-    """Digits in a grid, each captioned 'pred / true'; mistakes in red. images: [N, 1, 28, 28] normalised.
+def prediction_grid(pixels, preds, labels, cols: int = 8, title: str = "predicted / true") -> Figure:
+    """Digits in a grid, each captioned 'pred / true'; mistakes in red. pixels: [N, 28, 28] ink in [0, 1]
+    (`data.to_pixels` turns the training job's normalised images into these).
 
     The digits are tiled into one mosaic (one Axes), which renders ten times faster than a subplot each.
     """
-    n = len(images)
+    pixels = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28)
+    n = len(pixels)
     rows = max(1, -(-n // cols))
     cell = 28 + 12  # pixels: the digit plus room for its caption below
-    pixels = (images.detach().float().cpu().reshape(-1, 28, 28) * STD + MEAN).clamp(0, 1)
-    mosaic = torch.ones(rows * cell, cols * (28 + 4))
+    mosaic = np.ones((rows * cell, cols * (28 + 4)), dtype=np.float32)
     fig = Figure(figsize=(cols * 0.9, rows * 1.1 + 0.5))  # fixed margins: a layout engine doubles the cost
     ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.45 / (rows * 1.1 + 0.5)))
     for i in range(n):
@@ -43,10 +42,10 @@ def prediction_grid(images: torch.Tensor, preds: torch.Tensor, labels: torch.Ten
     return fig
 
 
-def confusion_matrix(counts: torch.Tensor, title: str = "confusion matrix") -> Figure:
+def confusion_matrix(counts, title: str = "confusion matrix") -> Figure:
     """10x10 counts, shaded by each row's share (recall), with the counts written in the cells."""
-    counts = counts.detach().cpu().long()
-    share = counts.float() / counts.sum(1, keepdim=True).clamp(min=1)
+    counts = np.asarray(counts, dtype=np.int64)
+    share = counts / counts.sum(1, keepdims=True).clip(min=1)
     fig = Figure(figsize=(6.4, 5.6))  # fixed margins: a layout engine doubles the cost
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.09, top=0.93)
     ax = fig.subplots()
@@ -61,7 +60,7 @@ def confusion_matrix(counts: torch.Tensor, title: str = "confusion matrix") -> F
     ax.set_yticks(range(10))
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit")
-    acc = counts.diag().sum().item() / max(counts.sum().item(), 1)
+    acc = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"{title} (accuracy {acc:.2%})")
     return fig
 
