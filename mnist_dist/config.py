@@ -25,6 +25,11 @@ def print_error(err: object) -> None:
     print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
 
 
+def warn(message: str) -> None:
+    """The one line a user sees for a problem the job works around."""
+    print(f"mnist-dist: warning: {message}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Config:
     # data and outputs

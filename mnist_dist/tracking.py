@@ -1,16 +1,21 @@
-"""Run outputs on rank 0: config.json, metrics.jsonl (the source of truth), summary.json, and a W&B
-mirror. Other ranks get a NullTracker, so the training loop has no rank checks.
+"""Run outputs on rank 0: config.json, metrics.jsonl (the source of truth), summary.json, and the W&B
+mirror (a child process, see wandb_mirror.py). Other ranks get a NullTracker, so the training loop has
+no rank checks.
 """
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import atomic_write_text
 from .config import Config
+from .data import to_pixels
+from .wandb_mirror import MirrorProcess, new_run_id, pack, resolve_mode
+
+GRID_IMAGES = 40  # test images in the W&B prediction grid
 
 
 def say(*parts: Any) -> None:
@@ -31,10 +36,13 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    def __init__(self, run_dir: str | os.PathLike):
-        self.run_dir = Path(run_dir)
+    def __init__(self, cfg: Config):
+        self.run_dir = Path(cfg.run_dir)
         self.history: list[dict] = []
-        self.wandb = None
+        self.metrics = None
+        self.wandb_mode = resolve_mode(cfg.wandb)
+        # started now, so that it imports wandb while this process imports the rest and loads the data
+        self.mirror = MirrorProcess() if self.wandb_mode != "disabled" else None
 
     def start(self, cfg: Config, history: list[dict], wandb_run_id: str | None) -> None:
         """Write config.json, rewrite metrics.jsonl as of the checkpoint we resume from, start W&B."""
@@ -43,36 +51,47 @@ class Tracker(NullTracker):
         self.history = list(history)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        from .wandb_mirror import start_wandb  # wandb itself is imported only when a run uses it
-
-        self.wandb = start_wandb(cfg, self.run_dir, wandb_run_id)
-        self.wandb_run_id = self.wandb.run_id if self.wandb else None
+        if self.mirror:
+            self.wandb_run_id = wandb_run_id or new_run_id()
+            self.mirror.send("init", {"config": cfg.to_dict(), "run_dir": str(self.run_dir),
+                                      "run_id": self.wandb_run_id, "mode": self.wandb_mode})
 
     def log(self, record: dict) -> None:
         self.history.append(record)
         self.metrics.write(json.dumps(record) + "\n")
-        if self.wandb:
-            self.wandb.log(record)
+        if self.mirror:
+            self.mirror.send("log", record)
 
     def say(self, *parts: Any) -> None:
         say(*parts)
 
     def figures(self, step: int, figures: dict) -> None:
-        if self.wandb:
-            self.wandb.figures(step, figures)
+        """Hand the evaluation to the mirror, which draws the pictures while training goes on."""
+        if not self.mirror:
+            return
+        result, images, labels = figures["eval"], figures["images"], figures["labels"]
+        self.mirror.send("figures", {
+            "step": step, "confusion": result.confusion.tolist(),
+            "predictions": packed(result.predictions), "labels": packed(labels),
+            "pixels": packed(to_pixels(images[:GRID_IMAGES]).mul_(255).round_()),
+        })
 
     def finish(self, summary: dict | None, best_checkpoint: Path | None = None) -> None:
         if summary is not None:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if getattr(self, "metrics", None):
+        if self.metrics:
             self.metrics.close()
-        if self.wandb:
-            self.wandb.finish(summary, best_checkpoint)
+        if self.mirror:
+            if self.mirror.started:
+                self.mirror.send("finish", {"summary": summary, "best_checkpoint": str(best_checkpoint)
+                                            if best_checkpoint else None})
+            self.mirror.close()
 
 
-def make_tracker(is_main: bool, run_dir: str) -> NullTracker:
-    return Tracker(run_dir) if is_main else NullTracker()
+def packed(values: torch.Tensor) -> str:
+    """Small non-negative integers (digits, 8-bit pixels) as text for the pipe: one byte each."""
+    return pack(values.to(device="cpu", dtype=torch.uint8).numpy().tobytes())
 
 
-def warn(message: str) -> None:
-    print(f"mnist-dist: warning: {message}", file=sys.stderr, flush=True)
+def make_tracker(is_main: bool, cfg: Config) -> NullTracker:
+    return Tracker(cfg) if is_main else NullTracker()

@@ -31,7 +31,7 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
     env = env or distributed.read_env()
     device = distributed.pick_device(cfg.device, env.local_rank)
     distributed.init(env, device)
-    tracker = make_tracker(env.is_main, cfg.run_dir)
+    tracker = make_tracker(env.is_main, cfg)
     summary = None
     try:
         agree(lambda: (cfg.validate(env.world_size), distributed.check_device(cfg.device)), True, env.is_main, device)
@@ -116,6 +116,9 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     # --- data: local rank 0 checks (and downloads) while the others wait for its verdict ---------
     agree(lambda: data.fetch(cfg.data_dir, cfg.download, cfg.verify_data), env.is_local_main, env.is_main, device)
     agree(lambda: check_run_dir(cfg), env.is_main, env.is_main, device)
+    state = agree(lambda: find_resume_state(cfg, device), True, env.is_main, device)
+    # rank 0's W&B process starts the run (the id is in the checkpoint) while this one loads the data
+    tracker.start(cfg, state["metrics"] if state else [], state.get("wandb_run_id") if state else None)
     train_x, train_y = agree(lambda: data.load(cfg.data_dir, train=True, device=device), True, env.is_main, device)
     test_x, test_y = agree(lambda: data.load(cfg.data_dir, train=False, device=device), env.is_main, env.is_main,
                            device) or (None, None)
@@ -124,9 +127,8 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, cfg.hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one fused kernel per step
-    state = agree(lambda: find_resume_state(cfg, device), True, env.is_main, device)
     ckpt = Checkpointer(cfg, enabled=env.is_main)
-    epoch, batch, step, history, run_id = 0, 0, 0, [], None
+    epoch, batch, step = 0, 0, 0
     tally = [0.0, 0, 0.0, 0]  # this epoch so far, over all ranks: loss sum, steps, right answers, samples
     if state is None:
         if cfg.resume == "never":
@@ -135,13 +137,11 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
-        epoch, batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        history, run_id, ckpt.best_acc = state["metrics"], state.get("wandb_run_id"), state["best_acc"]
+        epoch, batch, step, ckpt.best_acc = state["epoch"], state["batch_in_epoch"], state["step"], state["best_acc"]
         tally = list(state["epoch_tally"])
         tracker.say(f"resuming at epoch {epoch + 1}, batch {batch} (step {step}), saved with world size "
                     f"{state['world_size']}, now {W}")
     ddp, averaging = distributed.wrap_ddp(model, device, env, cfg.cpu_allreduce)
-    tracker.start(cfg, history, run_id)
     tracker.say(f"{W} rank{'s' if W > 1 else ''} on {device.type}; {averaging}")
 
     def make_state() -> dict:

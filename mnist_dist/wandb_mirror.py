@@ -1,19 +1,41 @@
-"""The W&B mirror of metrics.jsonl, on rank 0 only. wandb is imported only when a run uses it.
+"""The W&B mirror of metrics.jsonl: a child process of rank 0 that does everything W&B.
 
-Any W&B problem (not installed, no network, init timeout, quota) warns once and turns the mirror off;
-training and metrics.jsonl go on. A resumed run passes the run id saved in its checkpoint, so the
-curves continue in the same W&B run.
+Rank 0 starts it first thing (`MirrorProcess`), so importing wandb and matplotlib and starting the W&B
+run overlap rank 0's own start-up, and drawing the pictures after each evaluation overlaps the next
+epoch instead of holding up training. Rank 0 writes one JSON object a line to the child's stdin:
+
+    {"init": {"config", "run_dir", "run_id", "mode"}}  {"log": record}  {"figures": {...}}  {"finish": {...}}
+
+A resumed run passes the run id saved in its checkpoint, so the curves continue in the same W&B run.
+Any W&B problem (not installed, no network, init timeout, quota) warns once and ends the child;
+training and metrics.jsonl go on. The child ignores the stop signals that launchers send to a whole
+process group (rank 0 checkpoints, then closes the pipe, and the child finishes the run); the pipe
+closing without "finish" means rank 0 died, and the W&B run is marked failed.
+
+This module imports neither torch nor (in rank 0) wandb.
 """
 from __future__ import annotations
 
+import base64
+import json
 import netrc
 import os
+import queue
+import secrets
+import signal
+import string
+import subprocess
+import sys
+import threading
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-from .config import Config
-from .tracking import say, warn
+from .config import warn
+
+FINISH_TIMEOUT_S = 300  # rank 0 waits this long for W&B to finish at the end, then gives up on it
+# the child finds this package even where it is not installed (appended: never shadows the stdlib)
+CHILD = (f"import sys; sys.path.append({str(Path(__file__).resolve().parent.parent)!r}); "
+         f"from mnist_dist.wandb_mirror import serve; serve(sys.stdin.buffer)")
 
 
 def resolve_mode(choice: str, environ=os.environ) -> str:
@@ -34,19 +56,85 @@ def resolve_mode(choice: str, environ=os.environ) -> str:
     return "offline"
 
 
-class WandbMirror:
-    def __init__(self, run: Any, wandb: Any, cfg: Config):
-        self.run, self.wandb, self.cfg = run, wandb, cfg
-        self.run_id = run.id
+def new_run_id() -> str:
+    """A W&B-style run id (8 of [a-z0-9]); rank 0 makes it, so checkpoints can carry it from the start."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    def _guard(self, what: str, fn, *args) -> None:
-        if self.run is None:
-            return
+
+def pack(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+# --- rank 0's end ---------------------------------------------------------------------------------
+
+class MirrorProcess:
+    """Starts the child and feeds it. `send` never blocks training: a thread writes to the pipe."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE)
+        self.lines: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.started = False
+        self.writer = threading.Thread(target=self._write, name="wandb-mirror-pipe", daemon=True)
+        self.writer.start()
+
+    def send(self, kind: str, payload) -> None:
+        self.started |= kind == "init"
+        self.lines.put(json.dumps({kind: payload}).encode() + b"\n")
+
+    def _write(self) -> None:
         try:
-            fn(*args)
-        except Exception as err:  # never let the dashboard stop training
-            warn(f"W&B {what} failed ({type(err).__name__}: {err}); W&B is off for the rest of this run")
-            self.run = None
+            while (line := self.lines.get()) is not None:
+                self.proc.stdin.write(line)
+                self.proc.stdin.flush()
+        except OSError:
+            pass  # the child has gone (it said why)
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Let the child finish the W&B run (or stop it at once if no run was started)."""
+        if not self.started:
+            self.proc.kill()
+        self.lines.put(None)
+        try:
+            self.proc.wait(FINISH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            warn(f"W&B did not finish within {FINISH_TIMEOUT_S} s; stopped it (offline files, if any, are in "
+                 f"the run dir's wandb/ folder)")
+            self.proc.kill()
+            self.proc.wait()
+            return
+        if self.started and self.proc.returncode != 0:  # it warns itself about every error it can catch
+            warn(f"the W&B mirror process died (exit code {self.proc.returncode}); metrics.jsonl is whole")
+
+
+# --- the child ------------------------------------------------------------------------------------
+
+class Mirror:
+    """One W&B run, fed by the messages; any failure warns once and ends the mirror."""
+
+    def __init__(self, wandb, plots):
+        self.wandb, self.plots, self.run, self.cfg = wandb, plots, None, {}
+
+    def init(self, msg: dict) -> None:
+        cfg = self.cfg = msg["config"]
+        wandb = self.wandb
+        self.run = wandb.init(
+            project=cfg["wandb_project"], entity=cfg["wandb_entity"] or None, group=cfg["wandb_group"] or None,
+            tags=[t for t in cfg["wandb_tags"].split(",") if t] or None,
+            name=cfg["wandb_name"] or Path(msg["run_dir"]).resolve().name,
+            id=msg["run_id"], resume="allow", mode=msg["mode"], dir=msg["run_dir"], config=cfg,
+            settings=wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), console="off",
+                                    silent=True),
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")  # x axis = training step; resumed steps may repeat
+        if msg["mode"] == "offline":
+            where = Path(self.run.dir).parent
+            print(f"W&B offline run in {where}; upload it with: wandb sync {where}", flush=True)
 
     def log(self, record: dict) -> None:
         flat = {}
@@ -55,60 +143,59 @@ class WandbMirror:
                 flat.update({f"{key}/{i}": v for i, v in enumerate(value)})
             else:
                 flat[key] = value
-        self._guard("log", self.run.log, flat)
+        self.run.log(flat)
 
-    def figures(self, step: int, payload: dict) -> None:
-        self._guard("image upload", self._figures, step, payload)
+    def figures(self, msg: dict) -> None:
+        """The prediction grid and confusion matrix as images, and W&B's interactive confusion matrix."""
+        import numpy as np
 
-    def _figures(self, step: int, payload: dict) -> None:
-        from . import plots
+        def unpack(text: str):
+            return np.frombuffer(base64.b64decode(text), dtype=np.uint8)
 
-        result, images, labels = payload["eval"], payload["images"], payload["labels"]
-        n = min(40, len(labels))
-        grid = plots.prediction_grid(images[:n], result.predictions[:n], labels[:n], title=f"step {step}")
+        preds, labels = unpack(msg["predictions"]), unpack(msg["labels"])
+        pixels = unpack(msg["pixels"]).reshape(-1, 28, 28) / 255
+        n = len(pixels)
+        grid = self.plots.prediction_grid(pixels, preds[:n], labels[:n], title=f"step {msg['step']}")
         self.run.log({
-            "step": step,
-            "predictions": self.wandb.Image(plots.to_image(grid), caption="predicted / true (red: wrong)"),
-            "confusion_matrix": self.wandb.Image(plots.to_image(plots.confusion_matrix(result.confusion))),
+            "step": msg["step"],
+            "predictions": self.wandb.Image(self.plots.to_image(grid), caption="predicted / true (red: wrong)"),
+            "confusion_matrix": self.wandb.Image(self.plots.to_image(self.plots.confusion_matrix(msg["confusion"]))),
             "confusion_matrix_chart": self.wandb.plot.confusion_matrix(
-                y_true=labels.cpu().tolist(), preds=result.predictions.tolist(), class_names=[str(d) for d in range(10)]),
+                y_true=labels.tolist(), preds=preds.tolist(), class_names=[str(d) for d in range(10)]),
         })
 
-    def finish(self, summary: dict | None, best_checkpoint: Path | None) -> None:
+    def finish(self, msg: dict) -> None:
+        summary, best = msg["summary"], msg["best_checkpoint"]
         if summary:
-            self._guard("summary", self.run.summary.update if self.run else None,
-                        {k: v for k, v in summary.items() if not isinstance(v, list)})
-        if summary and self.cfg.wandb_log_model and best_checkpoint and best_checkpoint.exists():
-            self._guard("model upload", self._log_model, best_checkpoint)
-        self._guard("finish", self.run.finish if self.run else None)
-
-    def _log_model(self, path: Path) -> None:
-        artifact = self.wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"model": self.cfg.model})
-        artifact.add_file(str(path), name="best.pt")
-        self.run.log_artifact(artifact, aliases=["best", "latest"])
+            self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, list)})
+        if summary and self.cfg["wandb_log_model"] and best and Path(best).exists():
+            artifact = self.wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"model": self.cfg["model"]})
+            artifact.add_file(best, name="best.pt")
+            self.run.log_artifact(artifact, aliases=["best", "latest"])
+        self.run.finish()
+        self.run = None
 
 
-def start_wandb(cfg: Config, run_dir: Path, run_id: str | None) -> WandbMirror | None:
-    mode = resolve_mode(cfg.wandb)
-    if mode == "disabled":
-        return None
+def serve(lines) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the run ends
+    kind = "start-up"
     try:
-        import wandb
+        import wandb  # the slow imports, done while rank 0 imports torch and loads the data
 
-        run = wandb.init(
-            project=cfg.wandb_project, entity=cfg.wandb_entity or None, group=cfg.wandb_group or None,
-            tags=[t for t in cfg.wandb_tags.split(",") if t] or None, name=cfg.wandb_name or run_dir.resolve().name,
-            id=run_id, resume="allow", mode=mode, dir=str(run_dir),
-            config=cfg.to_dict(),
-            settings=wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), console="off",
-                                    silent=True),
-        )
-        run.define_metric("step")
-        run.define_metric("*", step_metric="step")  # x axis = training step; resumed steps may repeat
-    except Exception as err:
-        warn(f"W&B is off for this run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-             f"metrics.jsonl is still written")
-        return None
-    if mode == "offline":
-        say(f"W&B offline run in {Path(run.dir).parent}; upload it with: wandb sync {Path(run.dir).parent}")
-    return WandbMirror(run, wandb, cfg)
+        from . import plots
+
+        wandb.setup()  # starts W&B's service process now: init then takes a fraction of the time
+        mirror = Mirror(wandb, plots)
+        for line in lines:
+            [(kind, msg)] = json.loads(line).items()
+            getattr(mirror, kind)(msg)
+            if kind == "finish":
+                return
+        kind = "finish"
+        if mirror.run is not None:  # rank 0 died without saying goodbye
+            mirror.run.finish(exit_code=1)
+    except Exception as err:  # never let the dashboard stop training
+        reason = str(err).splitlines()[0] if str(err) else ""
+        warn(f"W&B is off for this run ({kind} failed: {type(err).__name__}: {reason}); metrics.jsonl is still written")
+

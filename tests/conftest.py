@@ -127,10 +127,11 @@ def kill_worker(proc: subprocess.Popen, index: int = 1) -> None:
     os.kill(int(workers[index]), signal.SIGKILL)
 
 
-def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: int) -> None:
-    """Send `sig` to proc once metrics.jsonl shows a step >= min_step."""
+def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: int, group: bool = False) -> None:
+    """Send `sig` to proc (or, like Slurm's scancel, to its whole process group) once metrics.jsonl shows a
+    step >= min_step."""
     wait_for(lambda: any(r.get("step", 0) >= min_step for r in metrics(run_dir)) or proc.poll() is not None,
              what=f"step {min_step}")
     assert proc.poll() is None, f"run ended before step {min_step}: {proc.communicate()}"
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from conftest import job_env, metrics, run_train, send_when_step, start_train, summary
+from conftest import job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from wandb_records import records, summarize
 from mnist_dist.wandb_mirror import resolve_mode
 
@@ -41,17 +43,38 @@ def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path)
 
 
 def test_resumed_run_continues_the_same_wandb_run(medium_data, tmp_path):
+    """SIGTERM to the whole process group, as Slurm and torchrun send it: the W&B process outlives the
+    signal, mirrors every step up to the checkpoint and closes the run; the resumed job continues it."""
     run = tmp_path / "run"
     flags = ("--epochs", "2", "--batch-size", "8", "--log-every", "10", "--wandb", "offline")
     proc = start_train(1, medium_data, run, *flags)
-    send_when_step(proc, run, signal.SIGTERM, 100)
+    send_when_step(proc, run, signal.SIGTERM, 100, group=True)
     proc.communicate(timeout=60)
     assert proc.returncode == 75
+    [first] = run_files(run)
+    stopped = summarize(first)
+    assert [h["step"] for h in stopped["history"] if "train_loss" in h] == [r["step"] for r in metrics(run)]
+    assert stopped["exit_code"] == 0
     res = run_train(1, medium_data, run, *flags)
     assert res.returncode == 0, res.stderr
     first, second = run_files(run)
     assert summarize(first)["run_id"] == summarize(second)["run_id"]
     assert [h["step"] for h in summarize(second)["history"] if "train_loss" in h][-1] == 2048
+
+
+def test_a_killed_job_leaves_its_wandb_run_closed_as_failed(medium_data, tmp_path):
+    """kill -9 of the training process: W&B keeps what was logged and marks the run failed (not running)."""
+    run = tmp_path / "run"
+    proc = start_train(1, medium_data, run, "--epochs", "2", "--batch-size", "8", "--log-every", "10",
+                       "--wandb", "offline")
+    wait_for(lambda: run_files(run) and any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
+    [mirror] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not Path(f"/proc/{mirror}").exists(), what="the W&B process to end")
+    got = summarize(run_files(run)[0])
+    assert got["exit_code"] == 1
+    assert [h["step"] for h in got["history"] if "train_loss" in h][:10] == list(range(10, 101, 10))
 
 
 def test_broken_wandb_warns_once_and_training_finishes(tiny_data, tmp_path):

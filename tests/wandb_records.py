@@ -37,8 +37,9 @@ def records(path: Path) -> list:
 
 
 def summarize(path: Path) -> dict:
-    """run id, config dict, history rows, summary dict, from one run file."""
-    result = {"run_id": None, "config": {}, "history": [], "summary": {}}
+    """run id, config dict, history rows, summary dict, exit code (None: the run was never closed), from one
+    run file."""
+    result = {"run_id": None, "config": {}, "history": [], "summary": {}, "exit_code": None}
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -50,6 +51,8 @@ def summarize(path: Path) -> dict:
                 result["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
             result["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "exit":
+            result["exit_code"] = rec.exit.exit_code
         elif kind == "summary":
             for item in rec.summary.update:
                 result["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
