@@ -29,37 +29,51 @@ def prediction_grid(pixels, preds, labels, cols: int = 8, title: str = "predicte
     for i in range(n):
         r, c = divmod(i, cols)
         mosaic[r * cell:r * cell + 28, c * 32 + 2:c * 32 + 30] = 1 - pixels[i]  # dark ink on white
+        ax.text(c * 32 + 16, r * cell + 34, "", ha="center", va="center", fontsize=9, fontweight="bold")
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    for i in range(n):
-        r, c = divmod(i, cols)
-        p, t = int(preds[i]), int(labels[i])
-        ax.text(c * 32 + 16, r * cell + 34, f"{p} / {t}", ha="center", va="center", fontsize=9,
-                color=RIGHT if p == t else WRONG, fontweight="bold")
     if n == 0:
         ax.text(cols * 16, cell / 2, "no images to show (no mistakes?)", ha="center", va="center")
     ax.set_axis_off()
+    return recaption_grid(fig, preds, labels, title)
+
+
+def recaption_grid(fig: Figure, preds, labels, title: str = "predicted / true") -> Figure:
+    """New predictions for the same digits: rewrites the captions of a `prediction_grid` figure in place
+    (the W&B mirror redraws one grid after every evaluation, cheaper than building it anew)."""
+    ax = fig.axes[0]
+    for text, p, t in zip(ax.texts, preds, labels):
+        text.set_text(f"{int(p)} / {int(t)}")
+        text.set_color(RIGHT if p == t else WRONG)
     ax.set_title(f"{title}   (red: wrong)", fontsize=10)
     return fig
 
 
 def confusion_matrix(counts, title: str = "confusion matrix") -> Figure:
     """10x10 counts, shaded by each row's share (recall), with the counts written in the cells."""
-    counts = np.asarray(counts, dtype=np.int64)
-    share = counts / counts.sum(1, keepdims=True).clip(min=1)
     fig = Figure(figsize=(6.4, 5.6))  # fixed margins: a layout engine doubles the cost
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.09, top=0.93)
     ax = fig.subplots()
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(np.zeros((10, 10)), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, label="share of the true digit's images")
     for t in range(10):
         for p in range(10):
-            if counts[t, p]:
-                ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=8,
-                        color="white" if share[t, p] > 0.5 else "black")
+            ax.text(p, t, "", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit")
+    return refill_confusion_matrix(fig, counts, title)
+
+
+def refill_confusion_matrix(fig: Figure, counts, title: str = "confusion matrix") -> Figure:
+    """New counts into a `confusion_matrix` figure, in place (cheaper than building it anew)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    share = counts / counts.sum(1, keepdims=True).clip(min=1)
+    ax = fig.axes[0]
+    ax.images[0].set_data(share)
+    for text, count, shade in zip(ax.texts, counts.flat, share.flat):  # row-major, as created
+        text.set_text(str(count) if count else "")
+        text.set_color("white" if shade > 0.5 else "black")
     acc = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"{title} (accuracy {acc:.2%})")
     return fig

@@ -4,9 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 from PIL import Image
 
 from conftest import ROOT, job_env, run_train
+from mnist_dist import plots
 
 
 def test_report_writes_three_pngs_of_sensible_size(tiny_data, tmp_path):
@@ -32,3 +34,20 @@ def test_report_without_checkpoint_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "report", str(tmp_path)], cwd=ROOT, env=job_env(),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "no checkpoint" in res.stderr
+
+
+def test_refilled_figures_draw_exactly_what_new_ones_do():
+    """The W&B mirror refills one grid and one confusion matrix after every evaluation instead of building
+    them anew: the pictures must be the same, pixel for pixel, including cells that appear or vanish."""
+    rng = np.random.default_rng(0)
+    before, after = rng.integers(0, 60, (2, 10, 10))
+    before[3, 4], after[3, 4], after[5, 6] = 0, 7, 0
+    pixels, labels = rng.random((12, 28, 28)), rng.integers(0, 10, 12)
+    guess_1, guess_2 = rng.integers(0, 10, 12), labels.copy()
+    pairs = [
+        (plots.refill_confusion_matrix(plots.confusion_matrix(before), after, "cm"), plots.confusion_matrix(after, "cm")),
+        (plots.recaption_grid(plots.prediction_grid(pixels, guess_1, labels), guess_2, labels, "later"),
+         plots.prediction_grid(pixels, guess_2, labels, title="later")),
+    ]
+    for refilled, fresh in pairs:
+        assert np.array_equal(np.asarray(plots.to_image(refilled)), np.asarray(plots.to_image(fresh)))
