@@ -4,6 +4,7 @@ no rank checks.
 """
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from .checkpoint import atomic_write_text
 from .config import Config
 from .data import to_pixels
-from .wandb_mirror import MirrorProcess, new_run_id, pack, resolve_mode
+from .wandb_mirror import MirrorProcess, new_run_id, resolve_mode
 
 GRID_IMAGES = 40  # test images in the W&B prediction grid
 
@@ -90,7 +91,7 @@ class Tracker(NullTracker):
 
 def packed(values: torch.Tensor) -> str:
     """Small non-negative integers (digits, 8-bit pixels) as text for the pipe: one byte each."""
-    return pack(values.to(device="cpu", dtype=torch.uint8).numpy().tobytes())
+    return base64.b64encode(values.to(device="cpu", dtype=torch.uint8).numpy().tobytes()).decode()
 
 
 def make_tracker(is_main: bool, cfg: Config) -> NullTracker:

@@ -61,10 +61,6 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def pack(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
 # --- rank 0's end ---------------------------------------------------------------------------------
 
 class MirrorProcess:
@@ -79,7 +75,8 @@ class MirrorProcess:
 
     def send(self, kind: str, payload) -> None:
         self.started |= kind == "init"
-        self.lines.put(json.dumps({kind: payload}).encode() + b"\n")
+        if self.writer.is_alive():  # else the child has gone
+            self.lines.put(json.dumps({kind: payload}).encode() + b"\n")
 
     def _write(self) -> None:
         try:
