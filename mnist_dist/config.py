@@ -40,10 +40,10 @@ class Config:
     # model and optimisation
     model: str = field(default="mlp", metadata={"help": "mlp (784-H-10) or cnn", "choices": ["mlp", "cnn"]})
     hidden: int = field(default=128, metadata={"help": "hidden units of the MLP"})
-    epochs: int = field(default=5, metadata={"help": "passes over the 60,000 training images"})
+    epochs: int = field(default=4, metadata={"help": "passes over the 60,000 training images"})
     batch_size: int = field(default=64, metadata={"help": "GLOBAL batch; each rank takes batch_size / world_size"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    lr_decay: float = field(default=1.0, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})
+    lr_decay: float = field(default=0.7, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
