@@ -113,7 +113,7 @@ def check_run_dir(cfg: Config) -> None:
 def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, stop: StopFlag) -> dict:
     W = env.world_size
 
-    # --- data: local rank 0 checks (and downloads) while the others wait for its verdict ---------
+    # --- data checks (local rank 0 checks and downloads while the others wait), the resume point ---
     agree(lambda: data.fetch(cfg.data_dir, cfg.download, cfg.verify_data), env.is_local_main, env.is_main, device)
     agree(lambda: check_run_dir(cfg), env.is_main, env.is_main, device)
     state = agree(lambda: find_resume_state(cfg, device), True, env.is_main, device)
@@ -123,7 +123,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     test_x, test_y = agree(lambda: data.load(cfg.data_dir, train=False, device=device), env.is_main, env.is_main,
                            device) or (None, None)
 
-    # --- model, optimizer, and the point to resume from -----------------------------------------
+    # --- model and optimizer, as of the resume point ---------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, cfg.hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one fused kernel per step
