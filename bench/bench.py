@@ -51,9 +51,6 @@ def conventional(nproc: int, data_dir: str, epochs: int) -> dict:
 
 def checkpoint_ms(run_dir: Path) -> tuple[float, float]:
     """Save (fsync included) and load of the MLP's checkpoint, median of 20, in ms."""
-    import statistics
-
-
     from mnist_dist import checkpoint
 
     state = checkpoint.load(run_dir / "checkpoints" / "best.pt")

@@ -83,10 +83,7 @@ class Tracker(NullTracker):
         if self.metrics:
             self.metrics.close()
         if self.mirror:
-            if self.mirror.started:
-                self.mirror.send("finish", {"summary": summary, "best_checkpoint": str(best_checkpoint)
-                                            if best_checkpoint else None})
-            self.mirror.close()
+            self.mirror.close({"summary": summary, "best_checkpoint": str(best_checkpoint) if best_checkpoint else None})
 
 
 def packed(values: torch.Tensor) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .config import warn
+from .preempt import STOP_SIGNALS
 
 FINISH_TIMEOUT_S = 300  # rank 0 waits this long for W&B to finish at the end, then gives up on it
 # the child finds this package even where it is not installed (appended: never shadows the stdlib)
@@ -91,9 +92,11 @@ class MirrorProcess:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        """Let the child finish the W&B run (or stop it at once if no run was started)."""
-        if not self.started:
+    def close(self, finish: dict) -> None:
+        """Let the child finish the W&B run with `finish` (or stop it at once if no run was started)."""
+        if self.started:
+            self.send("finish", finish)
+        else:
             self.proc.kill()
         self.lines.put(None)
         try:
@@ -180,7 +183,7 @@ class Mirror:
 
 
 def serve(lines) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGINT, *STOP_SIGNALS):
         signal.signal(sig, signal.SIG_IGN)  # rank 0 decides when the run ends
     kind = "start-up"
     try:
