@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import PROCESS_START, checkpoint, data, distributed
+from . import PROCESS_START, checkpoint, data, distributed, optim
 from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config, print_error
 from .distributed import DistEnv, agree
 from .evaluate import Evaluation, evaluate
@@ -126,7 +126,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     # --- model and optimizer, as of the resume point ---------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, cfg.hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)  # one fused kernel per step
+    opt = optim.make_adam(model, cfg.lr)
     ckpt = Checkpointer(cfg, enabled=env.is_main)
     epoch, batch, step = 0, 0, 0
     tally = [0.0, 0, 0.0, 0]  # this epoch so far, over all ranks: loss sum, steps, right answers, samples
@@ -156,32 +156,31 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     # --- the loop ---------------------------------------------------------------------------------
     n, per_rank = len(train_y), cfg.batch_size // W
     steps_per_epoch = math.ceil(math.ceil(n / W) / per_rank)  # DistributedSampler pads n to a multiple of W
-    losses = torch.zeros(cfg.log_every, device=device)  # per-step losses since the last sync
-    correct = torch.zeros((), device=device)  # right answers since the last sync
+    pending = []  # (loss, logits, labels) of each step since the last sync, left on the device
     train_seconds, last_eval, fit_start, start_step = 0.0, None, time.perf_counter(), step
     while epoch < cfg.epochs:
         order = data.epoch_indices(n, env.rank, W, cfg.seed, epoch, device)
         for group in opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
             group["lr"] = cfg.lr * cfg.lr_decay ** epoch
-        k = samples = 0
         epoch_seconds, t_sync = 0.0, time.perf_counter()
         while batch < steps_per_epoch:
             idx = order[batch * per_rank:(batch + 1) * per_rank]
             x, y = train_x.index_select(0, idx), train_y.index_select(0, idx)
             logits = ddp(x)
             loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
             loss.backward()  # DDP averages the gradients over all ranks here
-            opt.step()
-            losses[k] = loss.detach()  # stays on the device: no host sync per step
-            correct += (logits.argmax(1) == y).sum()
-            batch, step, k, samples = batch + 1, step + 1, k + 1, samples + len(idx)
+            optim.step(opt)  # and clears the gradients
+            pending.append((loss.detach(), logits.detach(), y))  # no host sync per step
+            batch, step = batch + 1, step + 1
             save_now = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
-            if k < cfg.log_every and not save_now and batch < steps_per_epoch:
+            if len(pending) < cfg.log_every and not save_now and batch < steps_per_epoch:
                 continue
 
             # sync point: one all_reduce carries the interval's losses, right answers and stop flags
-            packet = torch.cat([losses[:k], correct.view(1), torch.tensor([float(stop.signum)], device=device)])
+            step_loss, step_logits, step_labels = zip(*pending)
+            k, labels = len(pending), torch.cat(step_labels)
+            right = (torch.cat(step_logits).argmax(1) == labels).sum().float()
+            packet = torch.cat([torch.stack(step_loss), right.view(1), torch.tensor([float(stop.signum)], device=device)])
             torch.distributed.all_reduce(packet)
             *step_losses, n_correct, stopping = packet.tolist()  # host-device sync point
             step_losses = [v / W for v in step_losses]  # equal per-rank batches: the mean is the global mean
@@ -191,10 +190,9 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
                                f"the newest checkpoint in {ckpt.dir} is from before it")
             now = time.perf_counter()
             tracker.log({"step": step, "epoch": epoch + 1, "train_loss": sum(step_losses) / k,
-                         "lr": opt.param_groups[0]["lr"], "samples_per_s": samples * W / (now - t_sync)})
-            tally = [a + b for a, b in zip(tally, (sum(step_losses), k, n_correct, samples * W))]
-            correct.zero_()
-            k = samples = 0
+                         "lr": opt.param_groups[0]["lr"], "samples_per_s": len(labels) * W / (now - t_sync)})
+            tally = [a + b for a, b in zip(tally, (sum(step_losses), k, n_correct, len(labels) * W))]
+            pending.clear()
             epoch_seconds += now - t_sync
             if (save_now or stopping) and batch < steps_per_epoch:  # at an epoch end, the code below saves
                 path = ckpt.save(make_state)
