@@ -89,9 +89,11 @@ class HostAllReduce:
 def attach(rank: int, world_size: int, numel: int, timeout_s: float = 600) -> HostAllReduce | None:
     """Map one shared block on every rank, or return None on every rank when some rank cannot (another
     host, no /dev/shm or too little of it, a CPU without x86's store order). Every rank must call it."""
-    name = torch.randint(1, 2**62, (2,)) if rank == 0 else torch.zeros(2, dtype=torch.int64)
+    # a random name that leaves torch's RNG alone: every rank's RNG must stay in step with rank 0's,
+    # whose state the checkpoints save (the CNN's dropout draws from it)
+    name = torch.tensor(list(os.urandom(16)) if rank == 0 else [0] * 16, dtype=torch.uint8)
     dist.broadcast(name, src=0)
-    path = os.path.join(SHM_DIR, f"mnist-dist-{int(name[0]):x}-{int(name[1]):x}")
+    path = os.path.join(SHM_DIR, f"mnist-dist-{bytes(name.tolist()).hex()}")
     size = HEADER * world_size + 2 * world_size * numel * 4
     created = torch.tensor([1.0 if rank != 0 or create(path, size) else 0.0])
     dist.all_reduce(created, op=dist.ReduceOp.MIN)  # everyone learns whether rank 0 made the block
