@@ -120,11 +120,16 @@ def final_ckpt(run_dir: Path) -> Path:
     return sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1]
 
 
+def children(proc: subprocess.Popen) -> list[int]:
+    """The pids of proc's child processes (torchrun's workers, or rank 0's W&B process)."""
+    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+
+
 def kill_worker(proc: subprocess.Popen, index: int = 1) -> None:
     """kill -9 one of the two workers that torchrun (proc) started."""
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = children(proc)
     assert len(workers) == 2
-    os.kill(int(workers[index]), signal.SIGKILL)
+    os.kill(workers[index], signal.SIGKILL)
 
 
 def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: int, group: bool = False) -> None:

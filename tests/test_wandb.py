@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
+from conftest import children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from wandb_records import records, summarize
 from mnist_dist.wandb_mirror import resolve_mode
 
@@ -68,7 +67,7 @@ def test_a_killed_job_leaves_its_wandb_run_closed_as_failed(medium_data, tmp_pat
     proc = start_train(1, medium_data, run, "--epochs", "2", "--batch-size", "8", "--log-every", "10",
                        "--wandb", "offline")
     wait_for(lambda: run_files(run) and any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
-    [mirror] = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    [mirror] = children(proc)
     proc.kill()
     proc.wait()
     wait_for(lambda: not Path(f"/proc/{mirror}").exists(), what="the W&B process to end")
