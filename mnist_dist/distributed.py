@@ -158,7 +158,7 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_all
     and how the gradients are averaged, in words.
 
     With one rank there is nothing to average, so the model is used as it is: DDP's hooks would cost
-    ~70 ms of the MLP's ~0.35 s epoch on a CPU. The training loop is the same either way. CPU ranks
+    ~70 ms of the MLP's ~0.3 s epoch on a CPU. The training loop is the same either way. CPU ranks
     that share one host average through shared memory (`host_allreduce`) unless told to use gloo.
     """
     if env.world_size == 1:
