@@ -1,8 +1,10 @@
 """Speed of mnist-dist against the conventional pipeline, measured side by side in one run.
 
     python bench/bench.py --data-dir ../shared/data [--conventional-epochs 1] [--repeats 3]
+    python bench/bench.py --device cuda --nprocs 1      # both pipelines on the GPU (one rank per GPU)
 
-Prints a Markdown table (the README's). Everything runs on this machine's CPU unless CUDA is visible.
+Prints a Markdown table (the README's). Both pipelines run on --device (default: the CPU, with GPUs
+hidden, so that a GPU machine does not compare a GPU run against a CPU one).
 Each pipeline runs --repeats times, alternating; an epoch time is the best of all runs (as timeit
 reports the minimum: slower runs are other load on the machine), wall times are medians, and every
 run's figure is printed too, so the spread is in plain sight.
@@ -28,12 +30,24 @@ def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def ours(nproc: int, data_dir: str, run_dir: Path, env: dict = ENV) -> dict:
+def env_for(device: str, base: dict = ENV) -> dict:
+    return {**base, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else base
+
+
+def our_cmd(nproc: int, data_dir: str, run_dir: Path, device: str) -> list[str]:
+    flags = ["--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite", "--device", device]
+    return [sys.executable, "-m", "mnist_dist.train", *flags] if nproc == 1 else torchrun(nproc, "-m", "mnist_dist.train", *flags)
+
+
+def conventional_cmd(nproc: int, data_dir: str, epochs: int, device: str) -> list[str]:
+    return torchrun(nproc, str(ROOT / "bench" / "conventional.py"), data_dir, str(epochs), device)
+
+
+def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV) -> dict:
     """Wall time of the whole default command, and per-epoch figures from its metrics.jsonl."""
-    flags = ["--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite"]
-    cmd = [sys.executable, "-m", "mnist_dist.train", *flags] if nproc == 1 else torchrun(nproc, "-m", "mnist_dist.train", *flags)
     t = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(our_cmd(nproc, data_dir, run_dir, device), cwd=ROOT, env=env_for(device, env), check=True,
+                   capture_output=True)
     wall = time.perf_counter() - t
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "test_acc" in r]
@@ -43,9 +57,9 @@ def ours(nproc: int, data_dir: str, run_dir: Path, env: dict = ENV) -> dict:
             "to97_s": to97, "rss_mb": s["peak_rss_mb"]}
 
 
-def conventional(nproc: int, data_dir: str, epochs: int) -> dict:
-    out = subprocess.run(torchrun(nproc, str(ROOT / "bench" / "conventional.py"), data_dir, str(epochs)),
-                         cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True, text=True)
+def conventional(nproc: int, data_dir: str, epochs: int, device: str) -> dict:
+    out = subprocess.run(conventional_cmd(nproc, data_dir, epochs, device), cwd=ROOT,
+                         env=env_for(device, {**ENV, "PYTHONPATH": str(ROOT)}), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -65,11 +79,10 @@ def checkpoint_ms(run_dir: Path) -> tuple[float, float]:
     return statistics.median(saves) * 1e3, statistics.median(loads) * 1e3
 
 
-def signal_to_exit_s(data_dir: str, run_dir: Path) -> float:
+def signal_to_exit_s(data_dir: str, run_dir: Path, device: str) -> float:
     """SIGTERM to a training process in full flight, until it has checkpointed and exited."""
-    cmd = [sys.executable, "-m", "mnist_dist.train", "--data-dir", data_dir, "--run-dir", str(run_dir),
-           "--epochs", "5", "--no-resume", "--overwrite"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = our_cmd(1, data_dir, run_dir, device) + ["--epochs", "5"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(device), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.01)
@@ -85,21 +98,23 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "../shared/data"))
     p.add_argument("--conventional-epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines run")
+    p.add_argument("--nprocs", default="1,2", help="world sizes to time (on GPUs: at most the GPUs)")
     args = p.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = []
-        for nproc in (1, 2):
+        for nproc in map(int, args.nprocs.split(",")):
             runs, convs = [], []
             for _ in range(args.repeats):
-                runs.append(ours(nproc, args.data_dir, tmp / f"ours{nproc}"))
-                convs.append(conventional(nproc, args.data_dir, args.conventional_epochs))
+                runs.append(ours(nproc, args.data_dir, tmp / f"ours{nproc}", args.device))
+                convs.append(conventional(nproc, args.data_dir, args.conventional_epochs, args.device))
             rows.append((nproc, runs, convs))
         default_env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
-        with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", env=default_env) for i in range(args.repeats)]
+        with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", args.device, env=default_env) for i in range(args.repeats)]
         save_ms, load_ms = checkpoint_ms(tmp / "ours1")
-        stop_s = signal_to_exit_s(args.data_dir, tmp / "stop")
+        stop_s = signal_to_exit_s(args.data_dir, tmp / "stop", args.device)
     print("| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% | test acc | peak RSS/rank |")
     print("|---|---|---|---|---|---|---|---|")
     best = []
@@ -116,11 +131,14 @@ def main() -> None:
               + " s, conventional " + " / ".join(f"{c['epoch_s']:.2f}" for c in convs) + " s, mnist-dist wall "
               + " / ".join(f"{r['wall_s']:.1f}" for r in runs) + " s", end="")
     steps = 60000 / 64
-    step_ms, raw = best[1][0]["epoch_s"] / steps * 1e3, best[1][1]
-    print(f"\n\n2 ranks: {step_ms:.2f} ms a step (1 process: {best[0][0]['epoch_s'] / steps * 1e3:.2f} ms). Raw exchange "
-          f"of the {raw['params']:,} gradient floats: mnist-dist's shared-memory average {raw['shm_average_ms']:.3f} ms "
-          f"({raw['shm_average_ms'] / step_ms:.0%} of the step), gloo's all_reduce {raw['allreduce_ms']:.2f} ms "
-          f"({raw['allreduce_ms'] / step_ms:.0%} of the step).")
+    print(f"\n\n1 process: {best[0][0]['epoch_s'] / steps * 1e3:.3f} ms a step, {60000 / best[0][0]['epoch_s']:,.0f} "
+          f"samples/s ({args.device}).", end="")
+    if len(best) > 1 and "shm_average_ms" in best[1][1]:
+        step_ms, raw = best[1][0]["epoch_s"] / steps * 1e3, best[1][1]
+        print(f" 2 ranks: {step_ms:.2f} ms a step. Raw exchange of the {raw['params']:,} gradient floats: mnist-dist's "
+              f"shared-memory average {raw['shm_average_ms']:.3f} ms ({raw['shm_average_ms'] / step_ms:.0%} of the "
+              f"step), gloo's all_reduce {raw['allreduce_ms']:.2f} ms ({raw['allreduce_ms'] / step_ms:.0%} of the step).", end="")
+    print()
     walls = " / ".join(f"{o['wall_s']:.1f}" for o in with_wandb)
     print(f"1 process, default W&B mode (auto: offline here, with images each epoch), run by run: {walls} s wall, "
           f"test acc {with_wandb[0]['test_acc']:.2%}")

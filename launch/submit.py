@@ -53,6 +53,8 @@ def make_executor(args: argparse.Namespace):
     params.update({k: v for k, v in slurm.items() if v})
     if executor.cluster == "slurm":
         params["slurm_signal_delay_s"] = args.signal_delay_s
+        # a task that fails ends the step: the others would otherwise wait in a collective (NCCL: 10 min)
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         params["slurm_additional_parameters"] = {"open-mode": "append"}
     executor.update_parameters(**params)
     return executor

@@ -6,6 +6,7 @@ read the same files.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .config import UsageError
+from .watchdog import made_progress
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d+)\.pt$")
@@ -43,12 +45,20 @@ def listed(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+CHUNK = 1 << 20  # bytes written between two counts of progress (a slow disk is not a hang)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it: never a partial file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            for start in range(0, len(data), CHUNK):
+                fh.write(data[start:start + CHUNK])
+                made_progress()
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -80,13 +90,17 @@ def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely: weights_only refuses any pickled callable before it can run."""
+def load(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely: weights_only refuses any pickled callable before it can run.
+
+    Always onto the CPU, whatever device saved it or will train on: the RNG states must be CPU tensors
+    (torch.set_rng_state refuses others), and no GPU error (out of memory, a busy or missing device)
+    can happen here and be mistaken for a corrupt file. `load_state_dict` copies onto the device."""
     path = Path(path)
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols before failing anyway
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as err:
@@ -108,11 +122,11 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def newest_valid(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+def newest_valid(ckpt_dir: Path) -> tuple[dict, Path] | None:
     """The newest checkpoint that loads; corrupt ones are reported and skipped, unsafe ones refused."""
     for path in reversed(listed(ckpt_dir)):
         try:
-            return load(path, map_location), path
+            return load(path), path
         except CheckpointError as err:
             if err.unsafe:
                 raise
@@ -120,12 +134,23 @@ def newest_valid(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tu
     return None
 
 
+def restore(state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Put a loaded checkpoint (CPU tensors) into the model and optimizer, which live on `device`
+    (load_state_dict copies there), and restore this rank's random generators."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"], device)
+
+
 # --- random number generator states, as plain tensors and numbers -------------------------------
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's generators. Every rank seeds and draws alike, so rank 0's states (which the
+    checkpoint saves) are every rank's; on a GPU that is the generator of this rank's own device, not
+    of every device the process can see (another job may see more or fewer of them)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     try:
         import numpy as np
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -136,11 +161,12 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore the states saved by `rng_state` (CPU tensors, as `load` returns them) on this rank."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         import numpy as np
         n = state["numpy"]

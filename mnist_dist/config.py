@@ -46,6 +46,7 @@ class Config:
     lr_decay: float = field(default=0.7, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
+    deterministic: bool = field(default=True, metadata={"help": "deterministic GPU kernels (cuDNN, cuBLAS), so a resumed run equals an uninterrupted one bit for bit on GPUs too; --no-deterministic trades that for speed (the CPU is deterministic either way)"})
     cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
     # logging and checkpoints
     log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})
@@ -53,6 +54,7 @@ class Config:
     keep_last: int = field(default=3, metadata={"help": "how many recent checkpoints to keep (the best is kept as well)"})
     resume: str = field(default="auto", metadata={"help": "auto (newest valid checkpoint in run dir), never, or a checkpoint path"})
     overwrite: bool = field(default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"})
+    hang_timeout: float = field(default=300.0, metadata={"help": "seconds without progress on any rank, once training has started, after which every rank stops with exit code 76 (0: off); before the first step the 600 s start-up limit applies"})
     # Weights & Biases (rank 0 only)
     wandb: str = field(default="auto", metadata={"help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)", "choices": ["auto", "online", "offline", "disabled"]})
     wandb_project: str = field(default="mnist-dist", metadata={"help": "W&B project"})
@@ -77,6 +79,8 @@ class Config:
                 raise UsageError(f"--{flag(name)} must be a positive number, got {value}")
         if self.ckpt_every < 0:
             raise UsageError(f"--ckpt-every must be >= 0, got {self.ckpt_every}")
+        if not 0 <= self.hang_timeout < float("inf") or 0 < self.hang_timeout < 1:
+            raise UsageError(f"--hang-timeout must be 0 (off) or at least 1 second, got {self.hang_timeout}")
         if self.batch_size % world_size:
             raise UsageError(
                 f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
@@ -86,9 +90,21 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_same_as(self, main: dict[str, Any], rank: int) -> None:
+        """Every rank must train alike: refuse flags that differ from rank 0's config (`main`). Paths
+        may differ (node-local disks): only rank 0 reads and writes the run dir."""
+        differ = [f"--{flag(k)} {v} (rank 0: {main.get(k)})" for k, v in self.to_dict().items()
+                  if k not in PER_NODE_FIELDS and v != main.get(k)]
+        if differ:
+            raise UsageError(f"rank {rank} was started with other flags than rank 0: {', '.join(differ)}; give "
+                             f"every rank the same flags")
+
 
 # Fields that shape the model or its training trajectory: a resumed run must match them.
 TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed")
+
+# Fields that may differ between nodes: only rank 0 reads and writes the run dir and the checkpoints.
+PER_NODE_FIELDS = ("data_dir", "run_dir", "resume")
 
 # Defaults that differ by model (a flag, the config file or the environment still wins).
 MODEL_DEFAULTS = {"mlp": {}, "cnn": {"epochs": 8, "lr_decay": 0.75}}

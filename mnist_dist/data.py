@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
+from . import locks
 from .config import UsageError
 
 # The official MNIST release, uncompressed (what torchvision leaves in ROOT/MNIST/raw).
@@ -54,7 +55,21 @@ def check_files(data_dir: str, verify: bool = True) -> None:
 
 
 def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
-    """Make sure the raw files are present and intact, downloading them if allowed and needed."""
+    """Make sure the raw files are present and intact, downloading them if allowed and needed.
+
+    Processes that share the data dir (each node's local rank 0) take turns through a lock in it, so
+    none checksums a file that another one is still downloading."""
+    folder = raw_dir(data_dir)
+    if download:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # the download below reports it
+    with locks.waiting(folder / ".lock", f"waiting for another process to finish downloading MNIST into {folder}"):
+        fetch_unlocked(data_dir, download, verify)
+
+
+def fetch_unlocked(data_dir: str, download: bool, verify: bool) -> None:
     try:
         check_files(data_dir, verify)
         return

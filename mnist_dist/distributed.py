@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import io
 import os
 import re
 import socket
@@ -30,6 +31,7 @@ class DistEnv:
     master_port: int
     restart: int = 0            # torchrun's restart round (TORCHELASTIC_RESTART_COUNT)
     agent_store: bool = False   # torchrun's agent already serves the store at master_addr:master_port
+    job_id: str = ""            # the Slurm job (SLURM_JOB_ID), where there is one
 
     @property
     def is_main(self) -> bool:
@@ -55,18 +57,18 @@ def slurm_port(job_id: str) -> int:
 
 def read_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
     """The one place that reads the launcher's variables (torchrun/submitit first, then srun)."""
+    job = environ.get("SLURM_JOB_ID", "")
     if "RANK" in environ and "WORLD_SIZE" in environ:
         get = environ.get
         return DistEnv(int(get("RANK")), int(get("LOCAL_RANK", get("RANK"))), int(get("WORLD_SIZE")),
                        get("MASTER_ADDR", "127.0.0.1"), int(get("MASTER_PORT", "29500")),
-                       int(get("TORCHELASTIC_RESTART_COUNT", "0")), get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+                       int(get("TORCHELASTIC_RESTART_COUNT", "0")), get("TORCHELASTIC_USE_AGENT_STORE") == "True", job)
     if "SLURM_STEP_NUM_TASKS" in environ:  # inside an srun step: each task is one rank
-        job = environ.get("SLURM_JOB_ID", "0")
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_LOCALID"]),
                        int(environ["SLURM_STEP_NUM_TASKS"]),
                        environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"]),
-                       int(environ.get("MASTER_PORT") or slurm_port(job)))
-    return DistEnv(0, 0, 1, "127.0.0.1", free_port())
+                       int(environ.get("MASTER_PORT") or slurm_port(job or "0")), job_id=job)
+    return DistEnv(0, 0, 1, "127.0.0.1", free_port(), job_id=job)
 
 
 def free_port() -> int:
@@ -81,24 +83,66 @@ def check_device(requested: str) -> None:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    """cuda:LOCAL_RANK when asked for and visible, else the CPU (check_device reports a bad request)."""
+    """cuda:LOCAL_RANK when asked for and visible, else the CPU (check_device reports a bad request).
+
+    A task that sees one GPU (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank) takes that
+    one; ranks that would share a GPU are refused in `init`, before NCCL fails on them."""
     if requested in ("cuda", "auto") and torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
-    """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path."""
+STARTUP_TIMEOUT_S = 600  # rendezvous, download and W&B start-up: the limit before the first step
+
+
+def init(env: DistEnv, device: torch.device, hang_timeout_s: float = 0) -> None:
+    """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path.
+
+    The collectives' own timeout (NCCL's watchdog aborts at it) is the start-up limit, or longer than
+    --hang-timeout, so that the hang watchdog, which names the stuck rank, always speaks first."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, hang_timeout_s + 60))
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=timeout,
                           is_master=env.rank == 0 and not env.agent_store)
     # each torchrun restart round gets its own key space: after a worker died, the restarted group
     # must not read the dead group's addresses (gloo would try them and fail to connect)
     store = dist.PrefixStore(f"mnist-dist/attempt-{env.restart}", store)
+    if device.type == "cuda":
+        check_own_gpus(store, env, device)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
+
+
+def check_own_gpus(store: dist.Store, env: DistEnv, device: torch.device) -> None:
+    """Refuse, on every rank alike, ranks that would share one GPU (more ranks on a node than GPUs):
+    NCCL would fail at its first collective with a traceback ("Duplicate GPU detected")."""
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    store.set(f"gpu/{env.rank}", f"{socket.gethostname()} {device.index} {uuid}")
+    keys = [f"gpu/{r}" for r in range(env.world_size)]
+    store.wait(keys)
+    seen: dict[str, list[int]] = {}
+    for rank, value in enumerate(store.multi_get(keys)):
+        seen.setdefault(value.decode().split(" ", 2)[2], []).append(rank)
+    shared = next((ranks for ranks in seen.values() if len(ranks) > 1), None)
+    if shared:
+        host, index, _ = store.get(keys[shared[0]]).decode().split(" ", 2)
+        raise UsageError(f"ranks {', '.join(map(str, shared))} would share GPU {index} on {host}: more ranks on a "
+                         f"node than GPUs visible to them ({torch.cuda.device_count()} here); start one rank per GPU "
+                         f"(torchrun --nproc-per-node, srun --ntasks-per-node or --gpus-per-task, submit.py "
+                         f"--ntasks-per-node no larger than --gpus-per-node), or train on the CPU with --device cpu")
+
+
+def make_deterministic(device: torch.device, on: bool) -> None:
+    """--deterministic: GPU kernels that give the same bits every run (cuDNN's deterministic
+    convolutions, no autotuning, a fixed cuBLAS workspace), so a resumed CNN equals an uninterrupted
+    run on GPUs too. CPU kernels here are deterministic already; nothing changes there."""
+    if device.type != "cuda" or not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def shutdown(clean: bool) -> None:
@@ -125,6 +169,21 @@ def broadcast_from_main(values: list[float], device: torch.device) -> list[float
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return t.tolist()
+
+
+def broadcast_object(obj: Any, is_main: bool, device: torch.device) -> Any:
+    """Rank 0's dict of tensors and numbers (a checkpoint, a config) on every rank. Serialised with
+    torch.save and read back with weights_only=True: nothing that arrives can run code."""
+    payload = b""
+    if is_main:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        payload = buf.getvalue()
+    size = int(broadcast_from_main([float(len(payload))], device)[0])
+    data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if is_main
+            else torch.empty(size, dtype=torch.uint8, device=device))
+    dist.broadcast(data, src=0)
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=True)
 
 
 class PeerFailed(UsageError):

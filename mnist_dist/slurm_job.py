@@ -33,6 +33,10 @@ class TrainJob:
             # checkpoint() below and requeues the job (global rank 0; it exits), or returns (other ranks)
             handler = signal.getsignal(stopped.signum)
             if callable(handler):
+                # Slurm SIGTERMs every process of the job as it requeues it, the `scontrol requeue`
+                # that submitit's handler runs included: ignored here, and so in that child, the
+                # requeue always completes and is reported (else submitit records a failure)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 handler(stopped.signum, None)
             if dist_env.rank == 0:
                 raise

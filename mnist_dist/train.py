@@ -17,24 +17,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import PROCESS_START, checkpoint, data, distributed, optim
-from .config import TRAJECTORY_FIELDS, Config, UsageError, flag, parse_config, print_error
+from . import PROCESS_START, checkpoint, data, distributed, optim, run_dir
+from .config import Config, UsageError, parse_config, print_error
 from .distributed import DistEnv, agree
 from .evaluate import Evaluation, evaluate
 from .model import build
-from .preempt import EXIT_OK, Diverged, Preempted, StopFlag
+from .preempt import EXIT_ERROR, EXIT_OK, Diverged, Preempted, StopFlag
 from .tracking import NullTracker, make_tracker
+from .watchdog import PeerFailure, Watchdog, made_progress
 
 
 def train(cfg: Config, env: DistEnv | None = None) -> dict:
     """Join the process group, train, evaluate on rank 0, and leave the group again."""
     env = env or distributed.read_env()
     device = distributed.pick_device(cfg.device, env.local_rank)
-    distributed.init(env, device)
+    distributed.init(env, device, cfg.hang_timeout)
+    watch = Watchdog(env, cfg.hang_timeout)
     tracker = make_tracker(env.is_main, cfg)
-    summary = None
+    summary, lock = None, None
     try:
-        agree(lambda: (cfg.validate(env.world_size), distributed.check_device(cfg.device)), True, env.is_main, device)
+        main_cfg = distributed.broadcast_object(cfg.to_dict(), env.is_main, device)
+        agree(lambda: (cfg.validate(env.world_size), distributed.check_device(cfg.device),
+                       cfg.check_same_as(main_cfg, env.rank)), True, env.is_main, device)
+        lock = agree(lambda: run_dir.claim(cfg, env), env.is_main, env.is_main, device)
+        distributed.make_deterministic(device, cfg.deterministic)
         with StopFlag() as stop:
             summary = fit(cfg, env, device, tracker, stop)
         return summary
@@ -43,10 +49,19 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
             announce(err)
         err.reported = True
         # a launcher kills the other ranks as soon as one exits: none leaves before rank 0 said why
+        watch.stop()
         torch.distributed.barrier()
         raise
+    except Exception as err:  # this rank alone: the others must not wait for it in a collective
+        elsewhere = watch.failed_elsewhere()
+        if elsewhere:  # a peer failed first (and said why): this error is only the echo of it
+            raise elsewhere from None
+        watch.abort(f"{type(err).__name__}: {err}".splitlines()[0][:300], EXIT_ERROR)
+        raise
     finally:
+        watch.stop()
         tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
+        run_dir.release(lock)
         distributed.shutdown(clean=summary is not None)
 
 
@@ -77,46 +92,14 @@ def shared_eval(result: Evaluation | None, device: torch.device) -> list[float]:
     return distributed.broadcast_from_main([result.loss, result.acc] if result else [0.0, 0.0], device)
 
 
-def find_resume_state(cfg: Config, device: torch.device) -> dict | None:
-    """The checkpoint to resume from, per --resume, checked against this run's config."""
-    ckpt_dir = checkpoint.folder(cfg.run_dir)
-    if cfg.resume == "never":
-        if checkpoint.listed(ckpt_dir) and not cfg.overwrite:
-            raise UsageError(f"{ckpt_dir} holds checkpoints: drop --no-resume to resume, pass --overwrite "
-                             f"to start over, or choose another --run-dir")
-        return None
-    if cfg.resume == "auto":
-        found = checkpoint.newest_valid(ckpt_dir, map_location=device)
-        state = found[0] if found else None
-    else:
-        state = checkpoint.load(cfg.resume, map_location=device)
-    if state is not None:
-        differ = [f for f in TRAJECTORY_FIELDS if state["config"].get(f) != getattr(cfg, f)]
-        if differ:
-            diffs = ", ".join(f"--{flag(f)} {state['config'].get(f)} (saved) vs {getattr(cfg, f)} (now)" for f in differ)
-            raise UsageError(f"cannot resume from the checkpoint in {ckpt_dir}: {diffs}; use another --run-dir "
-                             f"or --no-resume --overwrite")
-    return state
-
-
-def check_run_dir(cfg: Config) -> None:
-    run_dir = Path(cfg.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test{id(cfg)}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"cannot write to --run-dir {run_dir}: {err.strerror}") from None
-
-
 def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, stop: StopFlag) -> dict:
     W = env.world_size
 
     # --- data checks (local rank 0 checks and downloads while the others wait), the resume point ---
     agree(lambda: data.fetch(cfg.data_dir, cfg.download, cfg.verify_data), env.is_local_main, env.is_main, device)
-    agree(lambda: check_run_dir(cfg), env.is_main, env.is_main, device)
-    state = agree(lambda: find_resume_state(cfg, device), True, env.is_main, device)
+    # rank 0 reads the checkpoint and every rank takes the state from it: all resume at one step
+    state = distributed.broadcast_object(agree(lambda: run_dir.resume_state(cfg), env.is_main, env.is_main, device),
+                                         env.is_main, device)
     # rank 0's W&B process starts the run (the id is in the checkpoint) while this one loads the data
     tracker.start(cfg, state["metrics"] if state else [], state.get("wandb_run_id") if state else None)
     train_x, train_y = agree(lambda: data.load(cfg.data_dir, train=True, device=device), True, env.is_main, device)
@@ -132,11 +115,9 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
     tally = [0.0, 0, 0.0, 0]  # this epoch so far, over all ranks: loss sum, steps, right answers, samples
     if state is None:
         if cfg.resume == "never":
-            ckpt.clear()  # find_resume_state refused this unless --overwrite was given
+            ckpt.clear()  # run_dir.resume_state refused this unless --overwrite was given
     else:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"])
+        checkpoint.restore(state, model, opt, device)
         epoch, batch, step, ckpt.best_acc = state["epoch"], state["batch_in_epoch"], state["step"], state["best_acc"]
         tally = list(state["epoch_tally"])
         tracker.say(f"resuming at epoch {epoch + 1}, batch {batch} (step {step}), saved with world size "
@@ -148,7 +129,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         return {
             "format_version": checkpoint.FORMAT_VERSION, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "epoch": epoch, "batch_in_epoch": batch, "step": step,
-            "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "world_size": W,
+            "rng": checkpoint.rng_state(device), "config": cfg.to_dict(), "world_size": W,
             "metrics": list(getattr(tracker, "history", [])), "best_acc": ckpt.best_acc,
             "wandb_run_id": tracker.wandb_run_id, "epoch_tally": list(tally),
         }
@@ -172,6 +153,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
             optim.step(opt)  # and clears the gradients
             pending.append((loss.detach(), logits.detach(), y))  # no host sync per step
             batch, step = batch + 1, step + 1
+            made_progress(step)  # what the hang watchdog watches
             save_now = cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0
             if len(pending) < cfg.log_every and not save_now and batch < steps_per_epoch:
                 continue
@@ -202,12 +184,14 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
         train_seconds += epoch_seconds
 
         # --- epoch end: rank 0 evaluates the unwrapped model while the others wait for its numbers --
+        t_eval = time.perf_counter()
         last_eval = evaluate(model, test_x, test_y) if env.is_main else None
+        eval_seconds = time.perf_counter() - t_eval
         test_loss, test_acc = shared_eval(last_eval, device)
         loss_sum, n_steps, n_correct, n_seen = tally
         epoch, batch, tally = epoch + 1, 0, [0.0, 0, 0.0, 0]
         tracker.log({"step": step, "epoch": epoch, "train_loss_epoch": loss_sum / max(n_steps, 1),
-                     "elapsed_s": time.time() - PROCESS_START, "epoch_train_s": epoch_seconds,
+                     "elapsed_s": time.time() - PROCESS_START, "epoch_train_s": epoch_seconds, "eval_s": eval_seconds,
                      "train_acc": n_correct / max(n_seen, 1), **(last_eval.as_record() if last_eval else {})})
         tracker.figures(step, {"eval": last_eval, "images": test_x, "labels": test_y})
         path = ckpt.save(make_state, test_acc)
@@ -250,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, Diverged, Preempted) as err:
         if env.is_main and not getattr(err, "reported", False):
             announce(err)
+        return err.exit_code
+    except PeerFailure as err:  # every surviving rank says it, in one line
+        print_error(err)
         return err.exit_code
     if env.is_main:
         print(f"test accuracy {summary['test_acc']:.2%}, summary in {Path(summary['run_dir']) / 'summary.json'}", flush=True)

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# The suite tests the CPU path it asserts, also on a GPU machine (an empty value hides every GPU).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = os.environ.get("MNIST_DATA_DIR", "")
@@ -50,9 +53,10 @@ def medium_data(tmp_path_factory) -> Path:
 
 def job_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC"))}
-    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)
-    return {k: v for k, v in env.items() if v != ""}  # an empty value means: unset it
+    env = {k: v for k, v in env.items() if v != ""}  # an empty value means: unset it
+    return {**env, "CUDA_VISIBLE_DEVICES": ""}  # but this one: empty hides every GPU
 
 
 def train_cmd(nproc: int, *flags: str, restarts: int = 0) -> list[str]:

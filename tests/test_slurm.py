@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -124,6 +125,49 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medi
     p, q = params(final_ckpt(run)), params(final_ckpt(ref))
     assert all(torch.equal(p[k], q[k]) for k in p), "the resumed job ends with the uninterrupted job's model"
     assert summary(run)["test_acc"] == summary(ref)["test_acc"]
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The pid of the Python process that is rank `rank` (an srun task) of Slurm job `job`."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env, cmd = (proc / "environ").read_bytes().split(b"\0"), (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={rank}".encode() in env
+                and b"python" in cmd[0] and b"mnist_dist.train" in cmd):
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} of job {job}")
+
+
+def hang_a_task(slurm: dict, tmp: Path, data: Path, run: Path, **knobs: str) -> str:
+    """Submit a 2-task job with a 5 s --hang-timeout; SIGSTOP its rank 1 at step 100. Returns the job id."""
+    proc = sbatch(slurm, tmp, *FLAGS, "--hang-timeout", "5", wait=False, DATA_DIR=str(data), RUN_DIR=str(run), **knobs)
+    job = proc.stdout.readline().strip()
+    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), timeout=120, what="step 100")
+    os.kill(task_pid(job, 1), signal.SIGSTOP)
+    return job
+
+
+def test_a_hung_task_is_requeued_and_the_job_finishes(slurm, medium_data, tmp_path):
+    run = tmp_path / "run"
+    job = hang_a_task(slurm, tmp_path, medium_data, run)
+    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
+    threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True).start()
+    wait_for(finished, timeout=300, what="the requeued job to finish")
+    log = log_of(tmp_path, job)
+    assert "no progress on any rank for" in log and "waiting for rank 1 (pid" in log
+    assert "a rank hung: requeueing job" in log and "(hang requeue 1 of 3)" in log
+    assert "restart 1" in log and "resuming at epoch" in log
+    assert summary(run)["epochs"] == 2 and summary(run)["world_size"] == 2
+
+
+def test_a_job_that_keeps_hanging_is_not_requeued_forever(slurm, medium_data, tmp_path):
+    run = tmp_path / "run"
+    job = hang_a_task(slurm, tmp_path, medium_data, run, HANG_REQUEUES="0")
+    wait_for(lambda: "] exit" in log_of(tmp_path, job), timeout=120, what="the job to end")
+    log = log_of(tmp_path, job)
+    assert "not requeueing (HANG_REQUEUES=0" in log and "] exit 76" in log and "restart 1" not in log
 
 
 def submit(slurm: dict, tmp: Path, *train_flags: str, extra: tuple = ()) -> subprocess.CompletedProcess:
