@@ -141,8 +141,9 @@ def task_pid(job: str, rank: int) -> int:
 
 
 def hang_a_task(slurm: dict, tmp: Path, data: Path, run: Path, **knobs: str) -> str:
-    """Submit a 2-task job with a 5 s --hang-timeout; SIGSTOP its rank 1 at step 100. Returns the job id."""
-    proc = sbatch(slurm, tmp, *FLAGS, "--hang-timeout", "5", wait=False, DATA_DIR=str(data), RUN_DIR=str(run), **knobs)
+    """Submit a 2-task job with a 5 s --hang-timeout (checkpoints every 50 steps); SIGSTOP its rank 1 at
+    step 100. Returns the job id."""
+    proc = sbatch(slurm, tmp, *FLAGS, "--hang-timeout", "5", "--ckpt-every", "50", wait=False, DATA_DIR=str(data), RUN_DIR=str(run), **knobs)
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), timeout=120, what="step 100")
     os.kill(task_pid(job, 1), signal.SIGSTOP)
