@@ -73,6 +73,9 @@ def world_size(args: argparse.Namespace) -> int:
 
 def checked_config(train_argv: list[str], args: argparse.Namespace):
     """Bad train flags fail here, before anything is queued."""
+    if args.gpus_per_node and args.ntasks_per_node > args.gpus_per_node:
+        raise UsageError(f"--ntasks-per-node {args.ntasks_per_node} is more than --gpus-per-node "
+                         f"{args.gpus_per_node}: ranks would share a GPU; use one rank per GPU")
     cfg = parse_config(train_argv)
     cfg.validate(world_size(args))
     return cfg

@@ -133,3 +133,19 @@ def test_a_rank_that_fails_alone_stops_the_others_at_once(medium_data, tmp_path)
     res = run_train(2, medium_data, run, *FLAGS, "--epochs", "1", timeout=120)
     assert res.returncode != 0
     assert "mnist-dist: error: rank 1 stops: rank 0 failed (IsADirectoryError" in res.stderr, res.stderr
+
+
+def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch, capsys):
+    """Some NFS mounts answer flock with ENOLCK: the job warns and runs unprotected (simulated: this
+    machine's file systems all lock)."""
+    import errno
+    import fcntl
+
+    from mnist_dist import locks
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert locks.hold(tmp_path / ".lock", {"pid": 1}) is None
+    err = capsys.readouterr().err
+    assert err.count("mnist-dist: warning: cannot lock") == 1 and "offers no locks" in err

@@ -39,6 +39,13 @@ def test_local_sweep_writes_one_run_per_point_and_a_report(tiny_data, tmp_path):
     assert "hidden=16,lr=0.01" in res.stdout and (sweep / "sweep.png").exists()
 
 
+def test_submit_refuses_more_ranks_than_gpus_before_queueing(tmp_path):
+    res = launch("submit.py", "--local", "--gpus-per-node", "1", "--ntasks-per-node", "2", "--folder",
+                 str(tmp_path / "sub"), "--", "--epochs", "1")
+    assert res.returncode == 2 and "ranks would share a GPU" in res.stderr
+    assert not (tmp_path / "sub").exists(), "nothing was submitted"
+
+
 def test_grid_expansion_and_bad_grid():
     points = expand(["lr=1e-3,3e-3", "hidden=64,128"])
     assert len(points) == 4 and points[0] == {"lr": 0.001, "hidden": 64} and point_name(points[3]) == "lr=0.003,hidden=128"

@@ -185,6 +185,8 @@ def test_submitit_launcher_returns_the_summary(slurm, tiny_data, tmp_path):
     assert "submitted job" in res.stdout and f"run dir {run}" in res.stdout and "stdout" in res.stdout
     result = json.loads(res.stdout[res.stdout.index("{"):])
     assert result["world_size"] == 2 and result["test_acc"] == summary(run)["test_acc"]
+    script = next((tmp_path / "submitit").rglob("*_submission.sh")).read_text()
+    assert "srun" in script and "--kill-on-bad-exit=1" in script, "a task that fails ends the step"
 
 
 def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data, tmp_path):
