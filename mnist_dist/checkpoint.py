@@ -20,11 +20,32 @@ from typing import Any
 import torch
 
 from .config import UsageError
+from .preempt import EXIT_WRITE_FAILED
 from .watchdog import made_progress
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d+)\.pt$")
 REQUIRED = ("format_version", "model", "optimizer", "epoch", "batch_in_epoch", "step", "config")
+
+
+class WriteFailed(Exception):
+    """A file of the run could not be written: disk full, quota, an I/O error, permissions changed.
+    Nothing already saved is touched; the temporary file is removed."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+    def __init__(self, path: Path, err: OSError):
+        super().__init__(f"cannot write {path}: {err.strerror or err}")
+        self.newest = ""  # the newest good checkpoint, said by whoever knows the run dir
+
+    def __str__(self) -> str:
+        return super().__str__() + (f"; {self.newest}" if self.newest else "")
+
+
+def newest_note(ckpt_dir: Path) -> str:
+    found = listed(ckpt_dir)
+    return (f"the newest good checkpoint is {found[-1]}: free some space (or mend the file system) and run the "
+            f"same command again to resume") if found else "no checkpoint was written yet"
 
 
 class CheckpointError(UsageError):
@@ -41,7 +62,7 @@ def folder(run_dir: str | os.PathLike) -> Path:
 
 def listed(ckpt_dir: Path) -> list[Path]:
     """Step checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("ckpt-*.pt") if (m := NAME.search(p.name))]
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("ckpt-*.pt") if (m := NAME.search(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -62,9 +83,11 @@ def atomic_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise WriteFailed(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
@@ -77,16 +100,19 @@ def fsync_dir(path: Path) -> None:
 
 def save(state: dict, ckpt_dir: Path, keep_last: int, is_best: bool) -> Path:
     """Save `state` as ckpt-<step>.pt, point best.pt at it if best, keep only the last `keep_last`."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt-{state['step']:08d}.pt"
-    atomic_save(state, path)
-    if is_best:
-        link = ckpt_dir / f".best.pt.tmp{os.getpid()}"
-        link.unlink(missing_ok=True)
-        os.link(path, link)  # same inode: costs nothing and survives pruning of the step file
-        os.replace(link, ckpt_dir / "best.pt")
-    for old in listed(ckpt_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, path)
+        if is_best:
+            link = ckpt_dir / f".best.pt.tmp{os.getpid()}"
+            link.unlink(missing_ok=True)
+            os.link(path, link)  # same inode: costs nothing and survives pruning of the step file
+            os.replace(link, ckpt_dir / "best.pt")
+        for old in listed(ckpt_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    except OSError as err:
+        raise WriteFailed(ckpt_dir / "best.pt" if path.exists() else path, err) from None
     return path
 
 
@@ -175,5 +201,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteFailed(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -62,8 +62,8 @@ def cmd_predict(argv: list[str]) -> int:
     from . import inference
 
     model, _ = inference.load_model(args.checkpoint)
-    for path, (digit, prob) in zip(args.images, inference.predict(model, args.images, args.invert)):
-        print(f"{path}\t{digit}\t{prob:.3f}")
+    for path, found in zip(args.images, inference.predict(model, args.images, args.invert)):
+        print(f"{path}\t{found[0]}\t{found[1]:.3f}" if found else f"{path}\t-\tno digit found (the image is blank)")
     return 0
 
 

@@ -57,37 +57,38 @@ def check_files(data_dir: str, verify: bool = True) -> None:
 def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
     """Make sure the raw files are present and intact, downloading them if allowed and needed.
 
-    Processes that share the data dir (each node's local rank 0) take turns through a lock in it, so
-    none checksums a file that another one is still downloading."""
-    folder = raw_dir(data_dir)
-    if download:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # the download below reports it
-    with locks.waiting(folder / ".lock", f"waiting for another process to finish downloading MNIST into {folder}"):
-        fetch_unlocked(data_dir, download, verify)
-
-
-def fetch_unlocked(data_dir: str, download: bool, verify: bool) -> None:
+    A download happens under a lock in the data dir: processes that share it (each node's local rank
+    0) take turns, and one that finds the files missing or incomplete waits for a download under way
+    and checks again, instead of checksumming or fetching a file that another one is still writing."""
     try:
         check_files(data_dir, verify)
         return
     except UsageError:
         if not download:
             raise
-    from torchvision.datasets import MNIST  # imported only when a download is needed
-
+    folder = raw_dir(data_dir)
     try:
-        MNIST(data_dir, train=True, download=True)
-        MNIST(data_dir, train=False, download=True)
-    except Exception as err:  # network, disk, mirror errors: all end the same way for the user
-        reason = " ".join(str(err).split())[:300]  # one line, however long the mirror's story
-        raise UsageError(
-            f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {reason}); on an "
-            f"offline machine put the four IDX files there and pass --no-download"
-        ) from None
-    check_files(data_dir, verify)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # the download below says why
+    with locks.waiting(folder / ".lock", f"waiting for another process to finish downloading MNIST into {folder}"):
+        try:
+            check_files(data_dir, verify)  # the download we waited for brought them
+            return
+        except UsageError:
+            pass
+        from torchvision.datasets import MNIST  # imported only when a download is needed
+
+        try:
+            MNIST(data_dir, train=True, download=True)
+            MNIST(data_dir, train=False, download=True)
+        except Exception as err:  # network, disk, mirror errors: all end the same way for the user
+            reason = " ".join(str(err).split())[:300]  # one line, however long the mirror's story
+            raise UsageError(
+                f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {reason}); on an "
+                f"offline machine put the four IDX files there and pass --no-download"
+            ) from None
+        check_files(data_dir, verify)
 
 
 def load(data_dir: str, train: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

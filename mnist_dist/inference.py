@@ -41,6 +41,9 @@ def evaluate_checkpoint(path: str, data_dir: str | None = None, verify: bool = T
     return model, cfg, images, labels, evaluate(model, images, labels)
 
 
+INK = 0.2  # a pixel this bright (in [0, 1], after inversion) is part of a digit
+
+
 def to_mnist(path: str, invert: bool | None = None) -> torch.Tensor:
     """An image file as a normalised [1, 28, 28] tensor that looks like an MNIST digit.
 
@@ -52,8 +55,10 @@ def to_mnist(path: str, invert: bool | None = None) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # what is see-through is paper
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
             img = img.convert("L")
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise UsageError(f"cannot read image {path}: {err}") from None
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(img.height, img.width).float() / 255
     border = torch.cat([x[0], x[-1], x[:, 0], x[:, -1]])
@@ -66,7 +71,7 @@ def to_mnist(path: str, invert: bool | None = None) -> torch.Tensor:
 
 def fit_box(x: torch.Tensor) -> torch.Tensor:
     """Crop to the ink, scale the longer side to 20 pixels, centre the mass in 28x28 (as MNIST did)."""
-    ink = (x > 0.2).nonzero()
+    ink = (x > INK).nonzero()
     if len(ink) == 0:
         return torch.zeros(28, 28)
     (top, left), (bottom, right) = ink.min(0).values.tolist(), ink.max(0).values.tolist()
@@ -84,11 +89,14 @@ def fit_box(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: list[str], invert: bool | None = None) -> list[tuple[int, float]]:
+def predict(model: nn.Module, images: list[str], invert: bool | None = None) -> list[tuple[int, float] | None]:
+    """(digit, probability) for each image; None for an image with no ink at all (blank: no digit)."""
     batch = torch.stack([to_mnist(p, invert) for p in images])
     probs = model(batch).softmax(dim=1)
     best = probs.max(dim=1)
-    return list(zip(best.indices.tolist(), best.values.tolist()))
+    blank = (batch * data.STD + data.MEAN).flatten(1).max(dim=1).values < INK
+    return [None if empty else (digit, prob)
+            for empty, digit, prob in zip(blank.tolist(), best.indices.tolist(), best.values.tolist())]
 
 
 def export(path: str, out: str) -> dict:
@@ -98,6 +106,9 @@ def export(path: str, out: str) -> dict:
     model, cfg = load_model(path)
     meta = {"model": cfg["model"], "hidden": str(cfg["hidden"]), "input": "1x28x28, (x/255 - 0.1307) / 0.3081"}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out, metadata=meta)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, out, metadata=meta)
+    except OSError as err:
+        raise UsageError(f"cannot write {out}: {err.strerror or err}") from None
     return meta

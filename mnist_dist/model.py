@@ -1,7 +1,10 @@
 """The classifiers: the seed's MLP (784 -> hidden ReLU -> 10) and a small CNN (`--model cnn`)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from .config import UsageError
 
 
 def mlp(hidden: int = 128) -> nn.Module:
@@ -24,3 +27,28 @@ def cnn() -> nn.Module:
 
 def build(name: str, hidden: int = 128) -> nn.Module:
     return cnn() if name == "cnn" else mlp(hidden)
+
+
+def n_parameters(name: str, hidden: int = 128) -> int:
+    """How many parameters `build(name, hidden)` has, without building it."""
+    if name == "cnn":
+        return sum(p.numel() for p in cnn().parameters())
+    return 28 * 28 * hidden + hidden + hidden * 10 + 10
+
+
+def check_fits(name: str, hidden: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before allocating it (an allocation that does not fail at once
+    would be ended by the kernel's out-of-memory killer): weights, gradients and Adam's two moments."""
+    need = 16 * n_parameters(name, hidden)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            free = int(meminfo["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return  # no way to know here: the allocation itself will say
+    if need > free:
+        raise UsageError(f"the model does not fit: --hidden {hidden} makes {n_parameters(name, hidden):,} parameters, "
+                         f"{need / 1e9:.1f} GB with gradients and Adam's state, and {free / 1e9:.1f} GB are free on "
+                         f"{device}; choose a smaller --hidden")

@@ -23,6 +23,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1        # an unexpected failure (traceback printed)
 EXIT_USAGE = 2        # bad flag, missing/corrupt data or checkpoint: one line on stderr
 EXIT_DIVERGED = 3     # the loss became NaN or infinite; the last good checkpoint is kept
+EXIT_WRITE_FAILED = 74  # a file of the run could not be written (EX_IOERR): disk full, quota, I/O error
 EXIT_PREEMPTED = 75   # stopped by a signal after a checkpoint (EX_TEMPFAIL): run again to resume
 EXIT_HUNG = 76        # some rank made no progress for --hang-timeout seconds: run again to resume
 

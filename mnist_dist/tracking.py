@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import WriteFailed, atomic_write_text
 from .config import Config
 from .data import to_pixels
 from .wandb_mirror import MirrorProcess, new_run_id, resolve_mode
@@ -51,7 +51,10 @@ class Tracker(NullTracker):
         atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.history = list(history)
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        except OSError as err:
+            raise WriteFailed(self.run_dir / "metrics.jsonl", err) from None
         if self.mirror:
             self.wandb_run_id = wandb_run_id or new_run_id()
             self.mirror.send("init", {"config": cfg.to_dict(), "run_dir": str(self.run_dir),
@@ -59,7 +62,10 @@ class Tracker(NullTracker):
 
     def log(self, record: dict) -> None:
         self.history.append(record)
-        self.metrics.write(json.dumps(record) + "\n")
+        try:
+            self.metrics.write(json.dumps(record) + "\n")  # a line at a time: flushed here
+        except OSError as err:
+            raise WriteFailed(self.run_dir / "metrics.jsonl", err) from None
         if self.mirror:
             self.mirror.send("log", record)
 
@@ -78,12 +84,17 @@ class Tracker(NullTracker):
         })
 
     def finish(self, summary: dict | None, best_checkpoint: Path | None = None) -> None:
-        if summary is not None:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if self.metrics:
-            self.metrics.close()
-        if self.mirror:
-            self.mirror.close({"summary": summary, "best_checkpoint": str(best_checkpoint) if best_checkpoint else None})
+        try:
+            if summary is not None:
+                atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        finally:  # whatever happened to the summary, metrics.jsonl is closed and W&B finishes
+            if self.metrics:
+                try:
+                    self.metrics.close()
+                except OSError:
+                    pass  # the failed write was reported where it happened
+            if self.mirror:
+                self.mirror.close({"summary": summary, "best_checkpoint": str(best_checkpoint) if best_checkpoint else None})
 
 
 def packed(values: torch.Tensor) -> str:

@@ -21,7 +21,8 @@ from . import PROCESS_START, checkpoint, data, distributed, optim, run_dir
 from .config import Config, UsageError, parse_config, print_error
 from .distributed import DistEnv, agree
 from .evaluate import Evaluation, evaluate
-from .model import build
+from .host_allreduce import PeerGone
+from .model import build, check_fits
 from .preempt import EXIT_ERROR, EXIT_OK, Diverged, Preempted, StopFlag
 from .tracking import NullTracker, make_tracker
 from .watchdog import PeerFailure, Watchdog, made_progress
@@ -56,13 +57,20 @@ def train(cfg: Config, env: DistEnv | None = None) -> dict:
         elsewhere = watch.failed_elsewhere()
         if elsewhere:  # a peer failed first (and said why): this error is only the echo of it
             raise elsewhere from None
-        watch.abort(f"{type(err).__name__}: {err}".splitlines()[0][:300], EXIT_ERROR)
+        if env.world_size > 1 and isinstance(err, (PeerGone, torch.distributed.DistError)):  # a peer vanished
+            raise PeerFailure(f"rank {env.rank} stops: it lost contact with another rank ({str(err).splitlines()[0][:300]}); "
+                              f"torchrun --max-restarts, or running the job again, resumes from the newest checkpoint") from None
+        if isinstance(err, checkpoint.WriteFailed):
+            err.newest = checkpoint.newest_note(checkpoint.folder(cfg.run_dir))
+        watch.abort(f"{type(err).__name__}: {err}".splitlines()[0][:300], getattr(err, "exit_code", EXIT_ERROR))
         raise
     finally:
         watch.stop()
-        tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
-        run_dir.release(lock)
-        distributed.shutdown(clean=summary is not None)
+        try:
+            tracker.finish(summary, checkpoint.folder(cfg.run_dir) / "best.pt")  # W&B finishes on every exit
+        finally:
+            run_dir.release(lock)
+            distributed.shutdown(clean=summary is not None)
 
 
 class Checkpointer:
@@ -107,6 +115,7 @@ def fit(cfg: Config, env: DistEnv, device: torch.device, tracker: NullTracker, s
                            device) or (None, None)
 
     # --- model and optimizer, as of the resume point ---------------------------------------------
+    agree(lambda: check_fits(cfg.model, cfg.hidden, device), True, env.is_main, device)
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, cfg.hidden).to(device)
     opt = optim.make_adam(model, cfg.lr)
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main and not getattr(err, "reported", False):
             announce(err)
         return err.exit_code
-    except PeerFailure as err:  # every surviving rank says it, in one line
+    except (PeerFailure, checkpoint.WriteFailed) as err:  # one line, on every rank that knows it
         print_error(err)
         return err.exit_code
     if env.is_main:

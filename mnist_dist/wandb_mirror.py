@@ -33,7 +33,16 @@ from urllib.parse import urlparse
 from .config import warn
 from .preempt import STOP_SIGNALS
 
-FINISH_TIMEOUT_S = 300  # rank 0 waits this long for W&B to finish at the end, then gives up on it
+
+
+def wait_limit_s() -> float:
+    """How long W&B may take to start, and rank 0 waits for it to finish at the end: W&B's own
+    WANDB_INIT_TIMEOUT, 60 s by default."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT", 60))
+    except ValueError:
+        return 60.0
+
 # the child finds this package even where it is not installed (appended: never shadows the stdlib)
 CHILD = (f"import sys; sys.path.append({str(Path(__file__).resolve().parent.parent)!r}); "
          f"from mnist_dist.wandb_mirror import serve; serve(sys.stdin.buffer)")
@@ -100,10 +109,10 @@ class MirrorProcess:
             self.proc.kill()
         self.lines.put(None)
         try:
-            self.proc.wait(FINISH_TIMEOUT_S)
+            self.proc.wait(wait_limit_s())
         except subprocess.TimeoutExpired:
-            warn(f"W&B did not finish within {FINISH_TIMEOUT_S} s; stopped it (offline files, if any, are in "
-                 f"the run dir's wandb/ folder)")
+            warn(f"W&B did not finish within {wait_limit_s():g} s (WANDB_INIT_TIMEOUT); stopped it (offline files, "
+                 f"if any, are in the run dir's wandb/ folder)")
             self.proc.kill()
             self.proc.wait()
             return
@@ -121,21 +130,33 @@ class Mirror:
         self.grid = self.confusion = None  # the two figures, kept and refilled after every evaluation
 
     def init(self, msg: dict) -> None:
+        try:
+            self.run = self.start(msg, msg["mode"])
+        except Exception as err:  # no network, wrong key, server down, time-out: keep it all offline
+            if msg["mode"] != "online":
+                raise
+            self.wandb.teardown()  # a fresh W&B service: the failed attempt still holds the run id
+            self.wandb.setup()
+            self.run = self.start(msg, "offline")
+            where = Path(self.run.dir).parent
+            warn(f"W&B could not start online ({type(err).__name__}: {first_line(err)}); the run is kept offline "
+                 f"with the same id: upload it later with: wandb sync {where}")
+        else:
+            if msg["mode"] == "offline":
+                where = Path(self.run.dir).parent
+                print(f"W&B offline run in {where}; upload it with: wandb sync {where}", flush=True)
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")  # x axis = training step; resumed steps may repeat
+
+    def start(self, msg: dict, mode: str):
         cfg = self.cfg = msg["config"]
-        wandb = self.wandb
-        self.run = wandb.init(
+        return self.wandb.init(
             project=cfg["wandb_project"], entity=cfg["wandb_entity"] or None, group=cfg["wandb_group"] or None,
             tags=[t for t in cfg["wandb_tags"].split(",") if t] or None,
             name=cfg["wandb_name"] or Path(msg["run_dir"]).resolve().name,
-            id=msg["run_id"], resume="allow", mode=msg["mode"], dir=msg["run_dir"], config=cfg,
-            settings=wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), console="off",
-                                    silent=True),
+            id=msg["run_id"], resume="allow", mode=mode, dir=msg["run_dir"], config=cfg,
+            settings=self.wandb.Settings(init_timeout=wait_limit_s(), console="off", silent=True),
         )
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")  # x axis = training step; resumed steps may repeat
-        if msg["mode"] == "offline":
-            where = Path(self.run.dir).parent
-            print(f"W&B offline run in {where}; upload it with: wandb sync {where}", flush=True)
 
     def log(self, record: dict) -> None:
         flat = {}
@@ -202,6 +223,10 @@ def serve(lines) -> None:
         if mirror.run is not None:  # rank 0 died without saying goodbye
             mirror.run.finish(exit_code=1)
     except Exception as err:  # never let the dashboard stop training
-        reason = str(err).splitlines()[0] if str(err) else ""
-        warn(f"W&B is off for this run ({kind} failed: {type(err).__name__}: {reason}); metrics.jsonl is still written")
+        warn(f"W&B is off for this run ({kind} failed: {type(err).__name__}: {first_line(err)}); metrics.jsonl is "
+             f"still written")
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
 

@@ -48,12 +48,17 @@ def made_progress(step: int | None = None) -> None:
 
 
 class PeerFailure(Exception):
-    """Another rank failed (it posted why): this one stops with the same exit code, in one line."""
+    """This rank stops because another one failed or vanished: one line, and the failed rank's code."""
 
-    def __init__(self, rank: int, posted: str):
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @classmethod
+    def posted(cls, rank: int, posted: str) -> "PeerFailure":
+        """From what a failed rank posted in the store ("code rank reason")."""
         code, failed, reason = posted.split(" ", 2)
-        super().__init__(f"rank {rank} stops: rank {failed} failed ({reason})")
-        self.exit_code = int(code)
+        return cls(f"rank {rank} stops: rank {failed} failed ({reason})", int(code))
 
 
 class Watchdog:
@@ -95,7 +100,7 @@ class Watchdog:
         reader.start()
         reader.join(2)
         posted = found[0] if found else self.failure
-        return PeerFailure(self.rank, posted) if posted and int(posted.split()[1]) != self.rank else None
+        return PeerFailure.posted(self.rank, posted) if posted and int(posted.split()[1]) != self.rank else None
 
     def abort(self, reason: str, code: int) -> None:
         """Tell the other ranks that this one failed, so they stop now (waits at most 2 s for the store)."""
@@ -137,7 +142,7 @@ class Watchdog:
         while not self.done.wait(self.interval):
             now = time.monotonic()
             if self.failure and int(self.failure.split()[1]) != self.rank:
-                failure = PeerFailure(self.rank, self.failure)
+                failure = PeerFailure.posted(self.rank, self.failure)
                 self.exit(failure.exit_code, str(failure))
             if self.failing_since and now - self.failing_since > STORE_LOST_S:
                 self.exit(EXIT_ERROR, f"rank {self.rank} lost the job's rendezvous store at {self.store_at}: the "

@@ -129,11 +129,17 @@ def children(proc: subprocess.Popen) -> list[int]:
     return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
 
 
-def kill_worker(proc: subprocess.Popen, index: int = 1) -> None:
-    """kill -9 one of the two workers that torchrun (proc) started."""
-    workers = children(proc)
-    assert len(workers) == 2
-    os.kill(workers[index], signal.SIGKILL)
+def worker_pid(torchrun: subprocess.Popen, rank: int) -> int:
+    """The pid of the worker that torchrun started as `rank`."""
+    for pid in children(torchrun):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker with rank {rank}")
+
+
+def kill_worker(proc: subprocess.Popen, rank: int = 1) -> None:
+    """kill -9 the worker of `rank` that torchrun (proc) started."""
+    os.kill(worker_pid(proc, rank), signal.SIGKILL)
 
 
 def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: int, group: bool = False) -> None:

@@ -173,16 +173,23 @@ def test_ranks_started_with_different_flags_are_refused(tiny_data, tmp_path):
 
 
 def test_nodes_sharing_a_data_dir_take_turns_at_the_download(tiny_data, tmp_path):
-    """While another node's download holds the data dir, a job waits instead of checking half-written files."""
+    """Another node is downloading into the shared data dir (it holds the lock; a file is still
+    missing): the job waits for it, then trains on the files it brought, without downloading again."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    with locks.waiting(data / "MNIST" / "raw" / ".lock", "held by the test"):  # the other node's download
+    raw = data / "MNIST" / "raw"
+    late = raw / "t10k-labels-idx1-ubyte"
+    kept = late.read_bytes()
+    late.unlink()
+    with locks.waiting(raw / ".lock", "held by the test"):  # the other node's download
         proc = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", "--data-dir", str(data), "--no-verify-data",
                                  "--run-dir", str(tmp_path / "run"), "--epochs", "1"], cwd=ROOT, env=job_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         first = proc.stderr.readline()
         assert "waiting for another process to finish downloading MNIST" in first, first
         time.sleep(1)
-        assert proc.poll() is None and not (tmp_path / "run" / "metrics.jsonl").exists(), "it waits"
+        assert proc.poll() is None, "it waits for the download under way"
+        late.write_bytes(kept)  # the other node's download completes
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    assert summary(tmp_path / "run")["test_images"] == 200

@@ -82,3 +82,43 @@ def test_predict_reads_real_test_digits_from_png(real_run, tmp_path):
     paper_right = sum(g == y for g, y in zip(got[1::2], labels[1::2]))
     assert plain_right >= 19, (got, labels)
     assert paper_right >= 17, (got, labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert run_train(1, tiny_data, run, "--epochs", "1").returncode == 0
+    return str(run / "checkpoints" / "best.pt")
+
+
+def test_bad_images_and_outputs_are_one_line(tiny_ckpt, tmp_path):
+    """A decompression bomb, an export into a path under a file: one line, exit 2."""
+    huge = tmp_path / "huge.png"
+    Image.new("L", (15000, 15000), 0).save(huge)  # 225 Mpx: past PIL's bomb limit (2 x 89 Mpx)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, says in ((("predict", "--checkpoint", tiny_ckpt, str(huge)), "cannot read image"),
+                       (("export", "--checkpoint", tiny_ckpt, str(blocker / "model.safetensors")), "cannot write")):
+        res = cli(*args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
+
+
+def test_a_blank_or_transparent_image_has_no_digit(tiny_ckpt, tmp_path):
+    black, clear = tmp_path / "black.png", tmp_path / "clear.png"
+    Image.new("L", (28, 28), 0).save(black)
+    Image.new("RGBA", (50, 40), (0, 0, 0, 0)).save(clear)
+    drawn = tmp_path / "drawn.png"  # dark ink on a see-through background, as drawing apps save it
+    img = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
+    img.paste((0, 0, 0, 255), (22, 5, 28, 35))
+    img.save(drawn)
+    res = cli("predict", "--checkpoint", tiny_ckpt, str(black), str(clear), str(drawn))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].endswith("no digit found (the image is blank)") and lines[1].endswith("(the image is blank)")
+    assert "no digit" not in lines[2] and lines[2].split("\t")[1].isdigit()
+
+
+def test_a_model_too_large_for_memory_is_refused_in_one_line(tiny_data, tmp_path):
+    res = run_train(1, tiny_data, tmp_path / "run", "--hidden", "10000000")
+    assert res.returncode == 2 and "the model does not fit: --hidden 10000000" in res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr

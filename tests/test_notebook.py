@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import nbformat
 from nbclient import NotebookClient
@@ -10,7 +11,9 @@ from conftest import ROOT
 
 
 def test_notebook_executes_and_shows_pictures(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("MNIST_DATA_DIR", str(tiny_data))
+    """Without MNIST_DATA_DIR the notebook reads ./data, as `mnist-dist train` does (a clone has no ../shared)."""
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    shutil.copytree(tiny_data, tmp_path / "data")
     monkeypatch.setenv("NB_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("NB_EPOCHS", "1")
     monkeypatch.setenv("NB_VERIFY_DATA", "0")

@@ -188,3 +188,16 @@ def test_cnn_with_dropout_resumes_exactly(medium_data, tmp_path, nproc, sig):
     assert code == (EXIT_PREEMPTED if nproc == 1 else 1), err  # torchrun ends with 1 when its workers failed
     assert run_train(nproc, medium_data, run, *flags).returncode == 0
     assert_same_model(run, ref)
+
+
+def test_a_rank_whose_peer_died_says_so_in_one_line(medium_data, tmp_path):
+    """kill -9 of rank 0 under torchrun (no restarts): rank 1 ends with one line, not a traceback."""
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, *FLAGS, "--epochs", "50")
+    send_when_step(proc, run, signal.SIGCONT, 100)  # (a harmless signal: only waits for step 100)
+    kill_worker(proc, 0)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "mnist_dist/" not in err, "no traceback from the ranks"
+    lines = [line for line in err.splitlines() if line.startswith("mnist-dist: error:")]
+    assert len(lines) <= 1 and all("rank 1 stops: it lost contact with another rank" in line for line in lines), err
