@@ -88,27 +88,14 @@ class Watchdog:
 
     def failed_elsewhere(self) -> PeerFailure | None:
         """Another rank's failure, if one was posted (asks the store, waiting at most 2 s for it)."""
-        found: list[str] = []
-
-        def read() -> None:
-            try:
-                if self.store.check(["abort"]):
-                    found.append(self.store.get("abort").decode())
-            except Exception:  # the store has gone with the failed rank
-                pass
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(2)
-        posted = found[0] if found else self.failure
+        posted = within(2, lambda: self.store.check(["abort"]) and self.store.get("abort").decode()) or self.failure
         return PeerFailure.posted(self.rank, posted) if posted and int(posted.split()[1]) != self.rank else None
 
     def abort(self, reason: str, code: int) -> None:
         """Tell the other ranks that this one failed, so they stop now (waits at most 2 s for the store)."""
-        post = threading.Thread(target=self.store.set, args=("abort", f"{code} {self.rank} {reason}"), daemon=True)
-        post.start()
-        post.join(2)
+        within(2, lambda: self.store.set("abort", f"{code} {self.rank} {reason}"))
 
-    # --- the reporter: the only thread that talks to the store -------------------------------------
+    # --- the reporter: each interval, one round of talk with the store ------------------------------
     def report(self) -> None:
         keys = [f"rank{r}" for r in range(self.world_size)]
         beat = 0
@@ -188,3 +175,19 @@ class Watchdog:
             print(f"mnist-dist: error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(code)
+
+
+def within(seconds: float, fn):
+    """fn() in a thread of its own, waiting at most `seconds` for it (the store may not answer, or be
+    gone): its result, or None."""
+    result = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception:
+            pass
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None

@@ -12,7 +12,7 @@ import torch
 from conftest import final_ckpt, metrics, params, run_train, start_train, summary, wait_for, worker_pid, write_idx
 from mnist_dist.preempt import EXIT_HUNG, EXIT_USAGE
 
-HANG = 10  # --hang-timeout of these tests, in seconds
+HANG = 6  # --hang-timeout of these tests, in seconds
 FLAGS = ("--batch-size", "8", "--log-every", "10", "--seed", "5", "--ckpt-every", "100", "--hang-timeout", str(HANG))
 
 
@@ -61,18 +61,18 @@ def test_torchrun_restarts_a_hung_group_and_the_resume_is_exact(medium_data, tmp
 @pytest.fixture(scope="module")
 def many_test_images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("many-test-images")
-    write_idx(folder, 512, 12000, seed=2)
+    write_idx(folder, 512, 16000, seed=2)
     return folder
 
 
 def test_a_slow_but_live_phase_longer_than_the_timeout_is_not_a_hang(many_test_images, tmp_path):
-    """Rank 0 evaluates the CNN on 12,000 images for longer than --hang-timeout while rank 1 waits for
-    its numbers: that is progress, not a hang."""
+    """Rank 0 evaluates the CNN on 16,000 images (~11 s on one core) for longer than --hang-timeout
+    while rank 1 waits for its numbers: that is progress, not a hang."""
     run = tmp_path / "run"
-    res = run_train(2, many_test_images, run, "--model", "cnn", "--epochs", "1", "--hang-timeout", "3", timeout=300)
+    res = run_train(2, many_test_images, run, "--model", "cnn", "--epochs", "1", "--hang-timeout", "5", timeout=300)
     assert res.returncode == 0, res.stderr
     eval_s = [r["eval_s"] for r in metrics(run) if "eval_s" in r]
-    assert eval_s and eval_s[0] > 3, f"the evaluation took {eval_s} s: not longer than the timeout, nothing tested"
+    assert eval_s and eval_s[0] > 5, f"the evaluation took {eval_s} s: not longer than the timeout, nothing tested"
 
 
 def logged_steps(steps_per_epoch: int, epochs: int, log_every: int, ckpt_every: int) -> list[int]:
