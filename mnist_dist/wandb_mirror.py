@@ -155,7 +155,10 @@ class Mirror:
             tags=[t for t in cfg["wandb_tags"].split(",") if t] or None,
             name=cfg["wandb_name"] or Path(msg["run_dir"]).resolve().name,
             id=msg["run_id"], resume="allow", mode=mode, dir=msg["run_dir"], config=cfg,
-            settings=self.wandb.Settings(init_timeout=wait_limit_s(), console="off", silent=True),
+            # online gets 80 % of the limit: if it fails, the offline run still starts, catches up and
+            # finishes within the limit that rank 0 waits for it after a short training
+            settings=self.wandb.Settings(init_timeout=wait_limit_s() * (0.8 if mode == "online" else 1.0),
+                                         console="off", silent=True),
         )
 
     def log(self, record: dict) -> None:
