@@ -44,6 +44,14 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """2048 training images: a CNN run long enough to interrupt (256 steps at batch 8), and short."""
+    folder = tmp_path_factory.mktemp("small-mnist")
+    write_idx(folder, 2048, 200, seed=3)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def medium_data(tmp_path_factory) -> Path:
     """8192 training images: long enough (a few seconds) to interrupt a run in the middle."""
     folder = tmp_path_factory.mktemp("medium-mnist")

@@ -177,16 +177,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_data, 
 
 
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])  # torchrun forwards SIGTERM
-def test_cnn_with_dropout_resumes_exactly(medium_data, tmp_path, nproc, sig):
+def test_cnn_with_dropout_resumes_exactly(small_data, tmp_path, nproc, sig):
     """The CNN draws dropout masks from the RNG: the checkpoint's RNG state makes its resume exact too,
     on 2 ranks as well (every rank's RNG stays in step with rank 0's, whose state the checkpoint saves)."""
     flags = ("--model", "cnn", "--epochs", "1", "--batch-size", "8", "--log-every", "10")
-    ref = trained(nproc, medium_data, tmp_path / "ref", *flags)
+    ref = trained(nproc, small_data, tmp_path / "ref", *flags)
     run = tmp_path / "run"
-    code, err = interrupted(nproc, medium_data, run, sig, 50, *flags)
+    code, err = interrupted(nproc, small_data, run, sig, 50, *flags)
     assert f"stopped by {sig.name}" in err
     assert code == (EXIT_PREEMPTED if nproc == 1 else 1), err  # torchrun ends with 1 when its workers failed
-    assert run_train(nproc, medium_data, run, *flags).returncode == 0
+    assert run_train(nproc, small_data, run, *flags).returncode == 0
     assert_same_model(run, ref)
 
 
