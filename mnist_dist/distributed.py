@@ -121,12 +121,13 @@ def check_own_gpus(store: dist.Store, env: DistEnv, device: torch.device) -> Non
     store.set(f"gpu/{env.rank}", f"{socket.gethostname()} {device.index} {uuid}")
     keys = [f"gpu/{r}" for r in range(env.world_size)]
     store.wait(keys)
+    gpus = [value.decode().split(" ", 2) for value in store.multi_get(keys)]  # host, index, uuid per rank
     seen: dict[str, list[int]] = {}
-    for rank, value in enumerate(store.multi_get(keys)):
-        seen.setdefault(value.decode().split(" ", 2)[2], []).append(rank)
+    for rank, (_, _, gpu) in enumerate(gpus):
+        seen.setdefault(gpu, []).append(rank)
     shared = next((ranks for ranks in seen.values() if len(ranks) > 1), None)
     if shared:
-        host, index, _ = store.get(keys[shared[0]]).decode().split(" ", 2)
+        host, index, _ = gpus[shared[0]]
         raise UsageError(f"ranks {', '.join(map(str, shared))} would share GPU {index} on {host}: more ranks on a "
                          f"node than GPUs visible to them ({torch.cuda.device_count()} here); start one rank per GPU "
                          f"(torchrun --nproc-per-node, srun --ntasks-per-node or --gpus-per-task, submit.py "

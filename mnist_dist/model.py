@@ -39,7 +39,8 @@ def n_parameters(name: str, hidden: int = 128) -> int:
 def check_fits(name: str, hidden: int, device: torch.device) -> None:
     """Refuse a model that cannot fit before allocating it (an allocation that does not fail at once
     would be ended by the kernel's out-of-memory killer): weights, gradients and Adam's two moments."""
-    need = 16 * n_parameters(name, hidden)
+    n = n_parameters(name, hidden)
+    need = 16 * n
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -49,6 +50,6 @@ def check_fits(name: str, hidden: int, device: torch.device) -> None:
         except (OSError, KeyError, ValueError):
             return  # no way to know here: the allocation itself will say
     if need > free:
-        raise UsageError(f"the model does not fit: --hidden {hidden} makes {n_parameters(name, hidden):,} parameters, "
+        raise UsageError(f"the model does not fit: --hidden {hidden} makes {n:,} parameters, "
                          f"{need / 1e9:.1f} GB with gradients and Adam's state, and {free / 1e9:.1f} GB are free on "
                          f"{device}; choose a smaller --hidden")
