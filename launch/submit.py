@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mnist_dist.config import UsageError, parse_config, print_error  # noqa: E402
+from mnist_dist.config import parse_config  # noqa: E402
+from mnist_dist.errors import UsageError, print_error  # noqa: E402
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 
 

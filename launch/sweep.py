@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from submit import checked_config, launcher_parser, make_executor, split_argv  # noqa: E402
 
-from mnist_dist.config import UsageError, print_error  # noqa: E402
+from mnist_dist.errors import UsageError, print_error  # noqa: E402
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 from mnist_dist.sweep import expand, point_flags, point_name  # noqa: E402
 
@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait:
         for job in jobs:
             job.results()
-        from mnist_dist.sweep import report
+        from mnist_dist.sweep import table
 
-        print(report(str(sweep_dir)))
+        print(table(str(sweep_dir)))
     else:
         print(f"when they finish: mnist-dist sweep-report {sweep_dir}")
     return 0

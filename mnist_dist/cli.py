@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import UsageError, print_error
+from .errors import UsageError, print_error
 
 USAGE = """usage: mnist-dist COMMAND [ARGS]
 
@@ -80,7 +80,7 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .distributed import exit_process
+    from .errors import exit_process
     from .train import main as train_main
 
     exit_process(train_main(argv))  # does not return

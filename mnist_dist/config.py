@@ -8,26 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tomllib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-
-class UsageError(Exception):
-    """A problem the user can fix (bad flag, missing data, bad checkpoint): one line, non-zero exit."""
-
-    exit_code = 2
-
-
-def print_error(err: object) -> None:
-    """The one line a user sees for a problem they can fix."""
-    print(f"mnist-dist: error: {err}", file=sys.stderr, flush=True)
-
-
-def warn(message: str) -> None:
-    """The one line a user sees for a problem the job works around."""
-    print(f"mnist-dist: warning: {message}", file=sys.stderr, flush=True)
+from .errors import UsageError
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from . import locks
-from .config import UsageError
+from .errors import UsageError
 
 # The official MNIST release, uncompressed (what torchvision leaves in ROOT/MNIST/raw).
 SHA256 = {
@@ -37,21 +37,26 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_files(data_dir: str, verify: bool = True) -> None:
-    """Raise UsageError naming the folder and the fix if a raw file is missing or not the official one."""
+def file_problem(data_dir: str, verify: bool = True) -> str | None:
+    """What is wrong with the raw files, naming the folder and the fix; None when all four are there
+    (and, with `verify`, the official ones)."""
     folder = raw_dir(data_dir)
     for name, want in SHA256.items():
         path = folder / name
         if not path.is_file():
-            raise UsageError(
-                f"MNIST file {name} is missing in {folder}: run `mnist-dist download --data-dir {data_dir}` "
-                f"on a machine with internet, or put the four IDX files in {folder}"
-            )
+            return (f"MNIST file {name} is missing in {folder}: run `mnist-dist download --data-dir {data_dir}` "
+                    f"on a machine with internet, or put the four IDX files in {folder}")
         if verify and sha256(path) != want:
-            raise UsageError(
-                f"MNIST file {path} does not match the official SHA-256 (corrupt or partial download?): "
-                f"delete it and run `mnist-dist download --data-dir {data_dir}`, or copy a good file there"
-            )
+            return (f"MNIST file {path} does not match the official SHA-256 (corrupt or partial download?): "
+                    f"delete it and run `mnist-dist download --data-dir {data_dir}`, or copy a good file there")
+    return None
+
+
+def check_files(data_dir: str, verify: bool = True) -> None:
+    """Raise UsageError if a raw file is missing or not the official one."""
+    problem = file_problem(data_dir, verify)
+    if problem:
+        raise UsageError(problem)
 
 
 def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
@@ -60,35 +65,36 @@ def fetch(data_dir: str, download: bool, verify: bool = True) -> None:
     A download happens under a lock in the data dir: processes that share it (each node's local rank
     0) take turns, and one that finds the files missing or incomplete waits for a download under way
     and checks again, instead of checksumming or fetching a file that another one is still writing."""
-    try:
-        check_files(data_dir, verify)
+    problem = file_problem(data_dir, verify)
+    if problem is None:
         return
-    except UsageError:
-        if not download:
-            raise
+    if not download:
+        raise UsageError(problem)
     folder = raw_dir(data_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # the download below says why
+    except OSError as err:
+        raise UsageError(f"could not download MNIST into {folder}: cannot create it ({err.strerror}); on an "
+                         f"offline machine put the four IDX files there and pass --no-download") from None
     with locks.waiting(folder / ".lock", f"waiting for another process to finish downloading MNIST into {folder}"):
-        try:
-            check_files(data_dir, verify)  # the download we waited for brought them
+        if file_problem(data_dir, verify) is None:  # the download we waited for brought them
             return
-        except UsageError:
-            pass
-        from torchvision.datasets import MNIST  # imported only when a download is needed
+        download_mnist(data_dir)
+    check_files(data_dir, verify)
 
-        try:
-            MNIST(data_dir, train=True, download=True)
-            MNIST(data_dir, train=False, download=True)
-        except Exception as err:  # network, disk, mirror errors: all end the same way for the user
-            reason = " ".join(str(err).split())[:300]  # one line, however long the mirror's story
-            raise UsageError(
-                f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {reason}); on an "
-                f"offline machine put the four IDX files there and pass --no-download"
-            ) from None
-        check_files(data_dir, verify)
+
+def download_mnist(data_dir: str) -> None:
+    from torchvision.datasets import MNIST  # imported only when a download is needed
+
+    try:
+        MNIST(data_dir, train=True, download=True)
+        MNIST(data_dir, train=False, download=True)
+    except Exception as err:  # network, disk, mirror errors: all end the same way for the user
+        reason = " ".join(str(err).split())[:300]  # one line, however long the mirror's story
+        raise UsageError(
+            f"could not download MNIST into {raw_dir(data_dir)} ({type(err).__name__}: {reason}); on an "
+            f"offline machine put the four IDX files there and pass --no-download"
+        ) from None
 
 
 def load(data_dir: str, train: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .watchdog import made_progress
+from . import progress
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> Evaluation:
     """Every test image exactly once (no sampler padding), in batches small enough that the hang
-    watchdog sees progress often (a 500-image CNN batch takes ~0.35 s on one slow CPU core)."""
+    watchdog sees progress often (a 500-image CNN batch is a fraction of a second on one CPU core)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
@@ -39,7 +39,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         p, k = logits.softmax(dim=1).max(dim=1)
         preds.append(k)
         probs.append(p)
-        made_progress()  # a long evaluation is progress, not a hang
+        progress.made()  # a long evaluation is progress, not a hang
     model.train(was_training)
     pred = torch.cat(preds)
     confusion = torch.bincount(labels * 10 + pred, minlength=100).reshape(10, 10).cpu()  # host sync

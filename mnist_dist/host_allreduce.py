@@ -1,8 +1,8 @@
 """Gradient averaging through shared memory, for CPU ranks that all run on one host.
 
-Gloo's all_reduce of the MLP's 0.4 MB of gradients takes ~1-2 ms on a 2-core machine, several times
-the step's compute: each call hands work between gloo's threads and through loopback TCP, and every
-hand-off waits for the scheduler. Here each rank's own thread does the whole exchange: it copies its
+Gloo's all_reduce of the MLP's gradients costs several times the step's compute on a small CPU host:
+each call hands work between gloo's threads and through loopback TCP, and every hand-off waits for
+the scheduler (bench/bench.py measures both). Here each rank's own thread does the whole exchange: it copies its
 bucket into its slot of one shared block, publishes a sequence number, waits until every rank has
 published the same number, and sums the slots in rank order. Every rank therefore gets bit-identical
 averages, and two ranks get exactly what gloo gives ((a + b) / 2). DDP stays in charge of buckets,
@@ -26,10 +26,6 @@ import torch.distributed as dist
 
 HEADER = 64  # bytes per rank: one cache line, so ranks publishing their numbers do not contend
 SHM_DIR = "/dev/shm"
-
-
-class PeerGone(RuntimeError):
-    """A rank this one waits for has exited (its launcher will end or restart the job)."""
 
 
 class HostAllReduce:
@@ -75,15 +71,16 @@ class HostAllReduce:
                 self.check_peers(now - start)
 
     def check_peers(self, waited_s: float) -> None:
+        """Raise ConnectionError if a peer has exited (its launcher will end or restart the job)."""
         for r, pid in enumerate(self.pids):
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                raise PeerGone(f"rank {r} (pid {pid}) exited while rank {self.rank} waited for its gradients") from None
+                raise ConnectionError(f"rank {r} (pid {pid}) exited while rank {self.rank} waited for its gradients") from None
             except PermissionError:
                 pass  # alive, under another user
         if waited_s > self.timeout_s:
-            raise PeerGone(f"rank {self.rank} waited {waited_s:.0f} s for the other ranks' gradients")
+            raise ConnectionError(f"rank {self.rank} waited {waited_s:.0f} s for the other ranks' gradients")
 
 
 def attach(rank: int, world_size: int, numel: int, timeout_s: float = 600) -> HostAllReduce | None:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, data
-from .config import UsageError
+from .errors import UsageError
 from .model import build
 
 

@@ -15,34 +15,30 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .config import warn
+from .errors import warn
 
 
-class Held(Exception):
-    """Another process holds the lock; `holder` is what it wrote there (possibly empty)."""
+def hold(path: Path, holder: dict) -> tuple[int | None, dict | None]:
+    """Take the lock at `path` without waiting, and write `holder` into it.
 
-    def __init__(self, holder: dict):
-        super().__init__("lock held")
-        self.holder = holder
-
-
-def hold(path: Path, holder: dict) -> int | None:
-    """Take the lock at `path` without waiting and write `holder` into it; the open fd keeps the lock
-    (close it, or exit, to release). Raises Held, or OSError when the file cannot be created."""
+    Returns (fd, None) when this process has it: the open fd keeps the lock (close it, or exit, to
+    release); (None, other) when another process holds it, `other` being what it wrote there (possibly
+    empty); (None, None) on a file system without locks (warned once). OSError when the file cannot be
+    created."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Held(read_holder(path)) from None
+        return None, read_holder(path)
     except OSError as err:  # ENOLCK, EOPNOTSUPP: a file system without locks
         os.close(fd)
         warn(f"cannot lock {path} ({err.strerror}): this file system offers no locks, so nothing stops a "
              f"second job from using the same folder")
-        return None
+        return None, None
     os.ftruncate(fd, 0)
     os.write(fd, (json.dumps(holder) + "\n").encode())
-    return fd
+    return fd, None
 
 
 def read_holder(path: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import UsageError
+from .errors import UsageError
 
 
 def mlp(hidden: int = 128) -> nn.Module:

@@ -17,7 +17,7 @@ def prediction_grid(pixels, preds, labels, cols: int = 8, title: str = "predicte
     """Digits in a grid, each captioned 'pred / true'; mistakes in red. pixels: [N, 28, 28] ink in [0, 1]
     (`data.to_pixels` turns the training job's normalised images into these).
 
-    The digits are tiled into one mosaic (one Axes), which renders ten times faster than a subplot each.
+    The digits are tiled into one mosaic (one Axes), which renders far faster than a subplot each.
     """
     pixels = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28)
     n = len(pixels)

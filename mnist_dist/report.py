@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, inference, plots
-from .config import UsageError
+from .errors import UsageError
 
 
 def pick_grid(result, labels: torch.Tensor, n: int, mistakes_only: bool) -> torch.Tensor:
@@ -22,9 +22,9 @@ def pick_grid(result, labels: torch.Tensor, n: int, mistakes_only: bool) -> torc
 def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n: int = 40,
            mistakes_only: bool = False, verify: bool = True) -> list[Path]:
     run = Path(run_dir)
-    found = checkpoint.newest_valid(checkpoint.folder(run))
+    found = checkpoint.newest_valid(checkpoint.checkpoint_dir(run))
     if found is None:
-        raise UsageError(f"no checkpoint in {checkpoint.folder(run)}: train first")
+        raise UsageError(f"no checkpoint in {checkpoint.checkpoint_dir(run)}: train first")
     _, _, images, labels, result = inference.evaluate_checkpoint(str(found[1]), data_dir, verify)
     metrics = run / "metrics.jsonl"
     history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

@@ -12,7 +12,7 @@ import os
 import signal
 
 from .config import parse_config
-from .preempt import Preempted
+from .errors import Preempted
 
 
 class TrainJob:

@@ -12,7 +12,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import Config, UsageError, flag, print_error
+from .config import Config, flag
+from .errors import UsageError, print_error
 
 
 def expand(grid: list[str]) -> list[dict]:
@@ -50,7 +51,7 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     return rows, swept
 
 
-def report(sweep_dir: str) -> str:
+def table(sweep_dir: str) -> str:
     from . import plots
 
     folder = Path(sweep_dir)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     """`mnist-dist sweep-report SWEEP_DIR`."""
     p = argparse.ArgumentParser(prog="mnist-dist sweep-report", description="Table and plot of a sweep's runs.")
     p.add_argument("sweep_dir")
-    print(report(p.parse_args(argv).sweep_dir))
+    print(table(p.parse_args(argv).sweep_dir))
     return 0
 
 
@@ -92,5 +93,5 @@ if __name__ == "__main__":
             sys.exit(point_main(sys.argv[2:]))
         except UsageError as err:
             print_error(err)
-            sys.exit(2)
+            sys.exit(err.exit_code)
     sys.exit(main())

@@ -17,6 +17,7 @@ This module imports neither torch nor (in rank 0) wandb.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import netrc
 import os
@@ -30,9 +31,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .config import warn
-from .preempt import STOP_SIGNALS
-
+from .errors import first_line, warn
+from .signals import STOP_SIGNALS
 
 
 def wait_limit_s() -> float:
@@ -58,11 +58,9 @@ def resolve_mode(choice: str, environ=os.environ) -> str:
     if environ.get("WANDB_API_KEY"):
         return "online"
     host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
+    with contextlib.suppress(OSError, netrc.NetrcParseError):  # no readable ~/.netrc: not logged in
         if netrc.netrc(environ.get("NETRC")).authenticators(host):
             return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
     return "offline"
 
 
@@ -89,17 +87,11 @@ class MirrorProcess:
             self.lines.put(json.dumps({kind: payload}).encode() + b"\n")
 
     def _write(self) -> None:
-        try:
-            while (line := self.lines.get()) is not None:
-                self.proc.stdin.write(line)
-                self.proc.stdin.flush()
-        except OSError:
-            pass  # the child has gone (it said why)
-        finally:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):  # the child has gone (it said why)
+            with self.proc.stdin:
+                while (line := self.lines.get()) is not None:
+                    self.proc.stdin.write(line)
+                    self.proc.stdin.flush()
 
     def close(self, finish: dict) -> None:
         """Let the child finish the W&B run with `finish` (or stop it at once if no run was started)."""
@@ -181,7 +173,7 @@ class Mirror:
         preds, labels = unpack(msg["predictions"]), unpack(msg["labels"])
         pixels = unpack(msg["pixels"]).reshape(-1, 28, 28) / 255
         n = len(pixels)
-        if self.grid is None:  # the same test images every time: built once, then refilled (~40 % cheaper)
+        if self.grid is None:  # the same test images every time: built once, then refilled (cheaper than anew)
             self.grid = plots.prediction_grid(pixels, preds[:n], labels[:n])
             self.confusion = plots.confusion_matrix(msg["confusion"])
         plots.recaption_grid(self.grid, preds[:n], labels[:n], title=f"step {step}")
@@ -228,8 +220,3 @@ def serve(lines) -> None:
     except Exception as err:  # never let the dashboard stop training
         warn(f"W&B is off for this run ({kind} failed: {type(err).__name__}: {first_line(err)}); metrics.jsonl is "
              f"still written")
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, final_ckpt, job_env, params, run_train, summary
+from helpers import ROOT, assert_same_params, final_ckpt, job_env, run_train, summary
 from fakes import fake_cuda, save_on_cuda
-from mnist_dist import checkpoint, distributed, locks, optim, run_dir
+from mnist_dist import checkpoint, devices, distributed, locks, optim
 from mnist_dist.config import parse_config
 from mnist_dist.model import build
 
@@ -42,7 +42,7 @@ def test_resume_state_stays_on_the_cpu_whatever_the_training_device(trained_run)
     """Resuming with the model on another device ('meta' here, cuda:N on a GPU): the RNG states
     must stay CPU tensors, which torch.set_rng_state requires (it failed when loaded to the device)."""
     cfg = parse_config(["--run-dir", str(trained_run), "--batch-size", "32"])
-    state = run_dir.resume_state(cfg)
+    state = checkpoint.resume_point(cfg)
     assert all(t.device.type == "cpu" for t in state["model"].values())
     meta = torch.device("meta")
     model = build("mlp", 128).to(meta)
@@ -107,11 +107,11 @@ def test_deterministic_kernels_on_gpus_and_nothing_changes_on_the_cpu(monkeypatc
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
     try:
-        distributed.make_deterministic(torch.device("cpu"), True)
+        devices.make_deterministic(torch.device("cpu"), True)
         assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == (False, False)
-        distributed.make_deterministic(torch.device("cuda", 0), False)
+        devices.make_deterministic(torch.device("cuda", 0), False)
         assert not torch.are_deterministic_algorithms_enabled()
-        distributed.make_deterministic(torch.device("cuda", 0), True)
+        devices.make_deterministic(torch.device("cuda", 0), True)
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     finally:
@@ -161,8 +161,7 @@ def test_two_nodes_with_node_local_run_dirs_resume_from_rank_0s_checkpoint(tiny_
     results = two_nodes(tiny_data, [a, b], "--epochs", "2", *FLAGS)
     assert all(rc == 0 for rc, _, _ in results), results
     assert "resuming at epoch 2" in results[0][1]
-    p, q = params(final_ckpt(a)), params(final_ckpt(ref))
-    assert all(torch.equal(p[k], q[k]) for k in p), "both ranks resumed from the same step and state"
+    assert_same_params(a, ref)  # both ranks resumed from the same step and state
 
 
 def test_ranks_started_with_different_flags_are_refused(tiny_data, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REAL_DATA, ROOT, job_env, run_train, summary
+from helpers import REAL_DATA, ROOT, job_env, run_train, summary
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ROOT, job_env, summary
+from helpers import ROOT, job_env, summary
 
 from mnist_dist.distributed import first_host, read_env, slurm_port
 from mnist_dist.sweep import expand, point_name

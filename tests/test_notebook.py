@@ -7,7 +7,7 @@ import shutil
 import nbformat
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def test_notebook_executes_and_shows_pictures(tiny_data, tmp_path, monkeypatch):

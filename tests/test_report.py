@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, job_env, run_train
+from helpers import ROOT, job_env, run_train
 from mnist_dist import plots
 
 

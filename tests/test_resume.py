@@ -1,6 +1,7 @@
 """Checkpoints and exact resume: signals, killed workers, corrupt and malicious files."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -10,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, final_ckpt, job_env, kill_worker, metrics, params, run_train, send_when_step,
-                      start_train, summary, wait_for)
-from mnist_dist import checkpoint
-from mnist_dist.preempt import EXIT_DIVERGED, EXIT_PREEMPTED
+from helpers import (ROOT, SMALL_RUN, assert_same_params, final_ckpt, job_env, kill_worker, metrics, run_train,
+                     send_when_step, start_train, summary, wait_for)
+from mnist_dist import files
+from mnist_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
-FLAGS = ("--epochs", "2", "--batch-size", "8", "--log-every", "10", "--seed", "5")
+FLAGS = ("--epochs", "2", *SMALL_RUN)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def interrupted(nproc, data, run, sig, at_step, *flags):
 
 
 def assert_same_model(run, reference):
-    p, q = params(final_ckpt(run)), params(final_ckpt(reference))
-    assert all(torch.equal(p[k], q[k]) for k in p), "parameters are not bitwise equal to the uninterrupted run"
+    """Bitwise the uninterrupted run's parameters, and so its test accuracy."""
+    assert_same_params(run, reference)
     assert summary(run)["test_acc"] == summary(reference)["test_acc"]
 
 
@@ -91,10 +92,13 @@ def test_killed_worker_is_restarted_by_torchrun_and_finishes(medium_data, tmp_pa
 def test_atomic_save_interrupted_before_rename_keeps_old_checkpoint(tmp_path):
     """A process that dies between writing and renaming leaves the old file whole and no partial one."""
     target = tmp_path / "ckpt-00000001.pt"
-    checkpoint.atomic_save({"v": torch.ones(3)}, target)
-    code = ("import os, torch; from pathlib import Path; from mnist_dist import checkpoint\n"
+    saved = io.BytesIO()
+    torch.save({"v": torch.ones(3)}, saved)
+    files.atomic_write(target, saved.getvalue())
+    code = ("import io, os, torch; from pathlib import Path; from mnist_dist import files\n"
             "os.replace = lambda *a: os._exit(9)  # the crash: after write+fsync, before the rename\n"
-            f"checkpoint.atomic_save({{'v': torch.zeros(3)}}, Path({str(target)!r}))\n")
+            "buf = io.BytesIO(); torch.save({'v': torch.zeros(3)}, buf)\n"
+            f"files.atomic_write(Path({str(target)!r}), buf.getvalue())\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 9
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.ones(3))

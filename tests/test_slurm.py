@@ -9,18 +9,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import ROOT, final_ckpt, job_env, metrics, params, summary, wait_for
+from helpers import SMALL_RUN, ROOT, assert_same_params, job_env, kick_requeued, metrics, summary, wait_for
 
 pytestmark = pytest.mark.slurm
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-FLAGS = ["--epochs", "2", "--batch-size", "8", "--log-every", "10", "--seed", "5", "--no-verify-data"]
+FLAGS = ["--epochs", "2", *SMALL_RUN, "--no-verify-data"]
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +51,6 @@ def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch",
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-SETTLE_S = 3  # a restart within ~0.2 s of the requeue can hit "Job credential revoked" and fail the job
-
-
-def kick_requeued(env: dict, job_id: str, until) -> None:
-    """Skip Slurm's 2-minute BeginTime delay after a requeue (from outside the job, as on a cluster),
-    once the old incarnation has had a few seconds to clean up."""
-    pending_since = None
-    while not until():
-        out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=env, capture_output=True, text=True).stdout
-        if "JobState=PENDING" in out and "Reason=BeginTime" in out:
-            pending_since = pending_since or time.monotonic()
-            if time.monotonic() - pending_since >= SETTLE_S:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
-                pending_since = None
-        time.sleep(0.5)
 
 
 def log_of(tmp: Path, job_id: str) -> str:
@@ -122,8 +103,7 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medi
     proc.kill()
     log = log_of(tmp_path, job)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
-    p, q = params(final_ckpt(run)), params(final_ckpt(ref))
-    assert all(torch.equal(p[k], q[k]) for k in p), "the resumed job ends with the uninterrupted job's model"
+    assert_same_params(run, ref)  # the resumed job ends with the uninterrupted job's model
     assert summary(run)["test_acc"] == summary(ref)["test_acc"]
 
 
@@ -195,31 +175,13 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data,
     res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
     assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
-    code = f"""
-import os, sys, threading, time, subprocess, json
-sys.path.insert(0, {str(ROOT / 'launch')!r})
-import submit
-from mnist_dist.slurm_job import TrainJob
-args = submit.launcher_parser("").parse_args(["--ntasks-per-node", "2", "--time", "10", "--folder", {str(tmp_path / 'sub' / '%j')!r}])
-job = submit.make_executor(args).submit(TrainJob({[*FLAGS, "--data-dir", str(medium_data), "--run-dir", str(run)]!r}))
-from pathlib import Path
-m = Path({str(run / 'metrics.jsonl')!r})
-while not (m.exists() and any(json.loads(l).get("step", 0) >= 100 for l in m.read_text().splitlines())):
-    time.sleep(0.01)
-job._interrupt()
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_slurm import kick_requeued
-done = []
-threading.Thread(target=kick_requeued, args=(dict(os.environ), job.job_id, lambda: done), daemon=True).start()
-print(json.dumps(job.results()[0]["test_acc"]))
-done.append(1)
-"""
-    res = subprocess.run([sys.executable, "-c", code], env=slurm, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    script = ROOT / "tests" / "scripts" / "submitit_interrupt.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "sub" / "%j"), str(run), *FLAGS, "--data-dir",
+                          str(medium_data)], env=slurm, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "sub").rglob("*_log.*"))
     assert "resuming at epoch 1" in logs
-    p, q = params(final_ckpt(run)), params(final_ckpt(ref))
-    assert all(torch.equal(p[k], q[k]) for k in p)
+    assert_same_params(run, ref)
     assert float(res.stdout.split()[-1]) == summary(ref)["test_acc"]
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (REAL_DATA, ROOT, final_ckpt, job_env, kill_worker, metrics, params, run_train, start_train,
-                      summary, wait_for)
+from helpers import (REAL_DATA, ROOT, assert_same_params, final_ckpt, job_env, kill_worker, metrics, params, run_train,
+                     start_train, summary, wait_for)
 
 
 def test_run_dir_holds_config_metrics_summary_and_checkpoints(tiny_data, tmp_path):
@@ -38,30 +38,54 @@ def test_run_dir_holds_config_metrics_summary_and_checkpoints(tiny_data, tmp_pat
     assert (run / "checkpoints" / "best.pt").exists()
 
 
-def test_one_and_two_ranks_give_the_same_model(tiny_data, tmp_path):
-    """Same seed and global batch: 1 rank and 2 ranks (torchrun, gloo) end with the same parameters."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    flags = ("--epochs", "1", "--batch-size", "32", "--seed", "3")
-    r1 = run_train(1, tiny_data, one, *flags)
-    r2 = run_train(2, tiny_data, two, *flags)
-    assert r1.returncode == 0, r1.stderr
-    assert r2.returncode == 0, r2.stderr
+SEED_RUNS = {  # the runs that the rank-independence tests read: (processes, flags)
+    "one": (1, ("--epochs", "1", "--batch-size", "32", "--seed", "3")),
+    "two": (2, ("--epochs", "1", "--batch-size", "32", "--seed", "3")),
+    "gloo": (2, ("--epochs", "1", "--batch-size", "32", "--seed", "3", "--cpu-allreduce", "gloo")),
+    "other_seed": (1, ("--epochs", "1", "--batch-size", "32", "--seed", "4")),
+}
+
+
+@pytest.fixture(scope="module")
+def seed_run(tiny_data, tmp_path_factory):
+    """seed_run(name) -> (run dir, stdout) of one of SEED_RUNS, trained once, on first use."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            nproc, flags = SEED_RUNS[name]
+            run = tmp_path_factory.mktemp(name) / "run"
+            res = run_train(nproc, tiny_data, run, *flags)
+            assert res.returncode == 0, res.stderr
+            done[name] = (run, res.stdout)
+        return done[name]
+    return get
+
+
+def test_one_and_two_ranks_give_the_same_model(seed_run):
+    """Same seed and global batch: 1 rank and 2 ranks (torchrun) end with the same parameters."""
+    (one, _), (two, _) = seed_run("one"), seed_run("two")
     p1, p2 = params(final_ckpt(one)), params(final_ckpt(two))
     worst = max((p1[k] - p2[k]).abs().max().item() for k in p1)
     assert worst <= 1e-5, f"max abs parameter difference {worst}"
     assert summary(two)["world_size"] == 2
     assert summary(one)["test_acc"] == summary(two)["test_acc"]
-    assert "through shared memory" in r2.stdout, "two CPU ranks on one host average through shared memory"
-    # gloo's all_reduce gives bit for bit the same average of two ranks' gradients
-    r4 = run_train(2, tiny_data, tmp_path / "gloo", *flags, "--cpu-allreduce", "gloo")
-    assert r4.returncode == 0, r4.stderr
-    assert "gloo all_reduce" in r4.stdout
-    p4 = params(final_ckpt(tmp_path / "gloo"))
-    assert all(torch.equal(p2[k], p4[k]) for k in p2)
-    # a different seed really gives different parameters (the comparison above can fail)
-    r3 = run_train(1, tiny_data, tmp_path / "three", "--epochs", "1", "--batch-size", "32", "--seed", "4")
-    assert r3.returncode == 0
-    p3 = params(final_ckpt(tmp_path / "three"))
+
+
+def test_two_cpu_ranks_on_one_host_average_through_shared_memory(seed_run):
+    assert "through shared memory" in seed_run("two")[1]
+
+
+def test_gloo_averages_two_ranks_bit_for_bit_like_shared_memory(seed_run):
+    """gloo's all_reduce gives bit for bit the same average of two ranks' gradients."""
+    (two, _), (gloo, out) = seed_run("two"), seed_run("gloo")
+    assert "gloo all_reduce" in out
+    assert_same_params(gloo, two)
+
+
+def test_a_different_seed_gives_a_different_model(seed_run):
+    """The comparisons above can fail: another seed really ends elsewhere."""
+    p1, p3 = params(final_ckpt(seed_run("one")[0])), params(final_ckpt(seed_run("other_seed")[0]))
     assert max((p1[k] - p3[k]).abs().max().item() for k in p1) > 1e-3
 
 

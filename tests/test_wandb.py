@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
+from helpers import children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from wandb_records import records, summarize
 from mnist_dist.wandb_mirror import resolve_mode
 

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 
-from conftest import run_train
+from helpers import run_train
 from mnist_dist import checkpoint
-from mnist_dist.preempt import EXIT_WRITE_FAILED
+from mnist_dist.errors import EXIT_WRITE_FAILED
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(medium_data,
     lines = [line for line in res.stderr.splitlines() if line.startswith("mnist-dist: error:")]
     assert len(lines) == nproc, res.stderr  # rank 0's reason, and each other rank's one line
     assert "cannot write " + str(run) in lines[0] and "No space left on device" in lines[0]
-    saved = checkpoint.listed(run / "checkpoints")
+    saved = checkpoint.step_checkpoints(run / "checkpoints")
     assert saved and f"the newest good checkpoint is {saved[-1]}" in lines[0], lines[0]
     if nproc == 2:
         assert lines[1].startswith("mnist-dist: error: rank 1 stops: rank 0 failed (WriteFailed: cannot write")

@@ -1,0 +1,36 @@
+"""DistributedDataParallel around the model, and how it averages the gradients over the ranks."""
+from __future__ import annotations
+
+import torch
+
+from .distributed import DistEnv
+from .errors import UsageError
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_allreduce: str = "auto",
+             ) -> tuple[torch.nn.Module, str]:
+    """The model to train (DDP around `model`, which averages the gradients in backward), and how the
+    gradients are averaged, in words for the start-up line.
+
+    With one rank there is nothing to average, so the model is used as it is (DDP's hooks would cost
+    time and change nothing); the training loop is the same either way. CPU ranks that share one host
+    average through shared memory (`host_allreduce`) unless told to use gloo.
+    """
+    if env.world_size == 1:
+        return model, "no gradients to average"
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        return ddp, "gradients averaged by nccl all_reduce"
+    if cpu_allreduce != "gloo" and all(p.dtype == torch.float32 for p in model.parameters()):
+        from .host_allreduce import attach
+
+        shared = attach(env.rank, env.world_size, sum(p.numel() for p in model.parameters()))
+        if shared:
+            ddp.register_comm_hook(None, shared.hook)
+            return ddp, "gradients averaged through shared memory (all ranks on this host)"
+    if cpu_allreduce == "shm":  # every rank got the same answer from attach(): all stop here together
+        raise UsageError("--cpu-allreduce shm: the ranks cannot share memory (they must all run on one x86 "
+                         "host with /dev/shm); use --cpu-allreduce auto or gloo", everywhere=True)
+    return ddp, "gradients averaged by gloo all_reduce"
