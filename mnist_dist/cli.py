@@ -19,6 +19,7 @@ commands:
   export         write a weights-only model file (safetensors) for inference
   report         pictures of a run: predictions.png, confusion_matrix.png, curves.png
   sweep-report   table and plot of a sweep's runs
+  hangs          what each rank was doing at a run's newest hang (its post-mortem)
 
 `mnist-dist COMMAND -h` shows a command's flags."""
 
@@ -99,7 +100,13 @@ def cmd_sweep_report(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "download": cmd_download, "evaluate": cmd_evaluate, "predict": cmd_predict,
+def cmd_hangs(argv: list[str]) -> int:
+    from .postmortem import main as hangs_main
+
+    return hangs_main(argv)
+
+
+COMMANDS = {"hangs": cmd_hangs, "train": cmd_train, "download": cmd_download, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "export": cmd_export, "report": cmd_report, "sweep-report": cmd_sweep_report}
 
 

@@ -39,6 +39,8 @@ class Config:
     keep_last: int = field(default=3, metadata={"help": "how many recent checkpoints to keep (the best is kept as well)"})
     resume: str = field(default="auto", metadata={"help": "auto (newest valid checkpoint in run dir), never, or a checkpoint path"})
     overwrite: bool = field(default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"})
+    profile_steps: str = field(default="", metadata={"help": "A-B: record torch.profiler traces of steps A to B (from 1) in RUN_DIR/profile/, one per rank"})
+    profile_ranks: str = field(default="", metadata={"help": "with --profile-steps: the ranks to profile, e.g. 0,1 (default: all)"})
     hang_timeout: float = field(default=300.0, metadata={"help": "seconds without progress on any rank, once training has started, after which every rank stops with exit code 76 (0: off); before the first step the 600 s start-up limit applies"})
     # Weights & Biases (rank 0 only)
     wandb: str = field(default="auto", metadata={"help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)", "choices": ["auto", "online", "offline", "disabled"]})
@@ -66,6 +68,8 @@ class Config:
             raise UsageError(f"--ckpt-every must be >= 0, got {self.ckpt_every}")
         if not 0 <= self.hang_timeout < float("inf") or 0 < self.hang_timeout < 1:
             raise UsageError(f"--hang-timeout must be 0 (off) or at least 1 second, got {self.hang_timeout}")
+        step_range(self.profile_steps)  # the format; the run's length is checked once the data is loaded
+        rank_list(self.profile_ranks)
         if self.batch_size % world_size:
             raise UsageError(
                 f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
@@ -97,6 +101,28 @@ MODEL_DEFAULTS = {"mlp": {}, "cnn": {"epochs": 8, "lr_decay": 0.75}}
 
 def flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def step_range(text: str) -> tuple[int, int] | None:
+    """'A-B' -> (A, B); '' -> None. Raises UsageError for anything else."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise UsageError(f"--profile-steps wants A-B (steps counted from 1), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise UsageError(f"--profile-steps wants 1 <= A <= B, got {text!r}")
+    return a, b
+
+
+def rank_list(text: str) -> set[int] | None:
+    """'0,1' -> {0, 1}; '' -> None (every rank)."""
+    try:
+        return {int(r) for r in text.split(",")} if text else None
+    except ValueError:
+        raise UsageError(f"--profile-ranks wants a comma-separated list of ranks, got {text!r}") from None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

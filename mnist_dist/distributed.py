@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from . import postmortem, progress
 from .devices import check_own_gpus
 from .errors import UsageError
 
@@ -93,6 +94,7 @@ def init(env: DistEnv, device: torch.device, hang_timeout_s: float = 0) -> None:
     The collectives' own timeout (NCCL's watchdog aborts at it) is the start-up limit, or longer than
     --hang-timeout, so that the hang watchdog, which names the stuck rank, always speaks first."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    postmortem.record_collectives(backend)
     timeout = datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, hang_timeout_s + 60))
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=timeout,
                           is_master=env.rank == 0 and not env.agent_store)
@@ -111,6 +113,7 @@ def shutdown(clean: bool) -> None:
         if dist.get_world_size() > 1:  # only then was there a DDP reducer
             gc.collect()
         if clean:
+            progress.entering("the barrier at the end of the run")
             dist.barrier()
         dist.destroy_process_group()
 
@@ -137,32 +140,32 @@ class Ranks:
                 result = fn(*args, **kwargs)
             except UsageError as err:
                 error = err
-        failed = self.min([float(self.env.rank if error else self.env.world_size)])[0]
+        what = f"the verdict of {getattr(fn, '__name__', 'a check')}"
+        failed = self._reduce([float(self.env.rank if error else self.env.world_size)], dist.ReduceOp.MIN, what)[0]
         if failed < self.env.world_size:
-            message = self.broadcast(str(error) if error else None, src=int(failed))
+            message = self.broadcast(str(error) if error else None, src=int(failed), what=f"{what}'s message")
             raise UsageError(message, everywhere=True) from None
         return result
 
     def from_main(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on rank 0 (a check, as above), and its result on every rank."""
-        return self.broadcast(self.check(fn, *args, on="main"), src=0)
+        return self.broadcast(self.check(fn, *args, on="main"), src=0, what=f"rank 0's {getattr(fn, '__name__', 'result')}")
 
-    def sum(self, values: list[float]) -> list[float]:
-        """A few numbers summed over all ranks."""
-        return self._reduce(values, dist.ReduceOp.SUM)
+    def sum(self, values: list[float], what: str = "a sum over the ranks") -> list[float]:
+        """A few numbers summed over all ranks; `what` they are names the collective in post-mortems."""
+        return self._reduce(values, dist.ReduceOp.SUM, what)
 
-    def min(self, values: list[float]) -> list[float]:
-        return self._reduce(values, dist.ReduceOp.MIN)
-
-    def main_values(self, values: list[float]) -> list[float]:
+    def main_values(self, values: list[float], what: str = "rank 0's numbers") -> list[float]:
         """Rank 0's numbers on every rank."""
+        progress.entering(f"broadcast of {what}")
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.broadcast(t, src=0)
         return t.tolist()
 
-    def broadcast(self, obj: Any, src: int) -> Any:
+    def broadcast(self, obj: Any, src: int, what: str = "an object") -> Any:
         """Rank `src`'s tensors and plain data (a checkpoint, a config, a message) on every rank.
         Serialised with torch.save and read back with weights_only=True: nothing that arrives can run code."""
+        progress.entering(f"broadcast of {what} from rank {src}")
         payload = b""
         if self.env.rank == src:
             buf = io.BytesIO()
@@ -175,7 +178,8 @@ class Ranks:
         dist.broadcast(data, src=src)
         return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=True)
 
-    def _reduce(self, values: list[float], op: dist.ReduceOp) -> list[float]:
+    def _reduce(self, values: list[float], op: dist.ReduceOp, what: str) -> list[float]:
+        progress.entering(f"all_reduce of {what}")
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return t.tolist()

@@ -33,7 +33,7 @@ class Job:
         rank 0's, claim the run dir."""
         cfg, env = self.cfg, self.env
         distributed.init(env, self.device, cfg.hang_timeout)
-        self.watch = Watchdog(env, cfg.hang_timeout)
+        self.watch = Watchdog(env, cfg.hang_timeout, cfg.run_dir)
         self.tracker = make_tracker(env.is_main, cfg)
         ranks = Ranks(env, self.device)
         ranks.check(check_flags, cfg, ranks.from_main(cfg.to_dict), env)

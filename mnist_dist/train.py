@@ -26,6 +26,7 @@ from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_pro
 from .evaluate import evaluate
 from .job import Job
 from .model import build, check_fits
+from .profiling import StepProfiler
 from .signals import StopFlag
 from .tracking import NullTracker
 
@@ -50,6 +51,7 @@ class Trainer:
         self.device, W = ranks.device, env.world_size
         # data checks (local rank 0 checks and downloads while the others wait), then the resume point:
         # rank 0 reads the checkpoint and every rank takes the state from it, so all resume at one step
+        progress.enter("data load")
         ranks.check(data.fetch, cfg.data_dir, cfg.download, cfg.verify_data, on="local_main")
         ckpt = ranks.from_main(checkpoint.resume_point, cfg)
         self.state = TrainState.from_checkpoint(ckpt) if ckpt else TrainState()
@@ -61,8 +63,9 @@ class Trainer:
         self.ckpt = Checkpointer(cfg, enabled=env.is_main)
         self.start_from(ckpt)
         self.ddp, averaging = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
+        self.averaging = W > 1
         tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {averaging}")
-        self.per_rank = cfg.batch_size // W
+        self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
         # DistributedSampler pads the data to a multiple of the world size
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train_y) / W) / self.per_rank)
         self.pending: list[tuple[torch.Tensor, ...]] = []  # (loss, logits, labels) of each step since the last sync
@@ -70,6 +73,7 @@ class Trainer:
         self.train_seconds = self.epoch_seconds = 0.0
         self.fit_start = self.t_sync = time.perf_counter()
         self.start_step = self.state.step
+        self.profiler = StepProfiler.wanted(cfg, env, self.steps_per_epoch * cfg.epochs, self.device, tracker.say)
 
     def run(self) -> dict:
         """Train to the last epoch (from where the checkpoint left off) and return the summary."""
@@ -115,36 +119,45 @@ class Trainer:
         for group in self.opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
             group["lr"] = cfg.lr * cfg.lr_decay ** epoch
         self.epoch_seconds, self.t_sync = 0.0, time.perf_counter()
+        progress.enter("training step")
         return order
 
     def train_step(self, order: torch.Tensor) -> None:
         """One global batch: forward, backward (DDP averages the gradients), Adam. No host sync."""
         s, n = self.state, self.per_rank
+        if self.profiler:
+            self.profiler.before(s.step + 1)
         idx = order[s.batch_in_epoch * n:(s.batch_in_epoch + 1) * n]
         x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
         logits = self.ddp(x)
         loss = F.cross_entropy(logits, y)
+        if self.averaging:
+            progress.entering("DDP's gradient averaging, in backward")
         loss.backward()
         optim.step(self.opt)  # and clears the gradients
         self.pending.append((loss.detach(), logits.detach(), y))
         s.batch_in_epoch, s.step = s.batch_in_epoch + 1, s.step + 1
         progress.made(s.step)  # what the hang watchdog watches
+        if self.profiler:
+            self.profiler.after(s.step)
 
     @property
     def epoch_over(self) -> bool:
         return self.state.batch_in_epoch == self.steps_per_epoch
 
     def sync_due(self) -> bool:
-        return len(self.pending) >= self.cfg.log_every or self.ckpt.due(self.state.step) or self.epoch_over
+        return len(self.pending) >= self.log_every or self.epoch_over or self.ckpt.due(self.state.step)
 
     def sync(self) -> bool:
         """The sync point: one all_reduce carries the interval's losses, right answers and stop flags.
         Logs the interval; returns whether any rank got a stop signal."""
+        progress.enter("sync point")
         losses, logits, labels = zip(*self.pending)
         labels, W = torch.cat(labels), self.env.world_size
         right = (torch.cat(logits).argmax(1) == labels).sum().float()
         signum = torch.tensor([float(self.stop.signum)], device=self.device)
         packet = torch.cat([torch.stack(losses), right.view(1), signum])
+        progress.entering("all_reduce of the sync point (losses, right answers, stop flags)")
         dist.all_reduce(packet)
         *step_losses, n_correct, stopping = packet.tolist()  # host-device sync point
         step_losses = [v / W for v in step_losses]  # equal per-rank batches: the mean is the global mean
@@ -156,6 +169,7 @@ class Trainer:
         self.state.epoch_tally.add(step_losses, n_correct, len(labels) * W)
         self.pending.clear()
         self.epoch_seconds += now - self.t_sync
+        progress.enter("training step")
         return stopping > 0
 
     def check_finite(self, step_losses: list[float]) -> None:
@@ -166,8 +180,12 @@ class Trainer:
                            f"the newest checkpoint in {self.ckpt.dir} is from before it")
 
     def save(self, is_best: bool = False) -> Path:
-        return self.ckpt.save(lambda: checkpoint.snapshot(self.state, self.model, self.opt, self.cfg,
+        phase = progress.phase
+        progress.enter("checkpoint write")
+        path = self.ckpt.save(lambda: checkpoint.snapshot(self.state, self.model, self.opt, self.cfg,
                                                           self.env.world_size, self.device), is_best)
+        progress.enter(phase)
+        return path
 
     # --- the epoch's end ----------------------------------------------------------------------------
     def end_epoch(self) -> None:
@@ -175,10 +193,12 @@ class Trainer:
         checkpoint and line. A stop signal that came during the epoch's last steps stops the run here."""
         s, tally = self.state, self.state.epoch_tally
         self.train_seconds += self.epoch_seconds
+        progress.enter("evaluation")
         t_eval = time.perf_counter()
         self.last_eval = evaluate(self.model, *self.test) if self.env.is_main else None
         eval_seconds = time.perf_counter() - t_eval
         _, test_acc = self.shared_eval()
+        progress.enter("epoch end")
         s.epoch, s.batch_in_epoch, s.epoch_tally = s.epoch + 1, 0, EpochTally()
         self.tracker.log({"step": s.step, "epoch": s.epoch, "train_loss_epoch": tally.mean_loss,
                           "elapsed_s": time.time() - PROCESS_START, "epoch_train_s": self.epoch_seconds,
@@ -188,12 +208,13 @@ class Trainer:
         is_best, s.best_acc = test_acc > s.best_acc, max(s.best_acc, test_acc)
         path = self.save(is_best)
         self.tracker.say(self.epoch_line(tally, test_acc))
-        if self.ranks.sum([float(self.stop.signum)])[0] > 0 and s.epoch < self.cfg.epochs:
+        if self.ranks.sum([float(self.stop.signum)], "the stop flags")[0] > 0 and s.epoch < self.cfg.epochs:
             raise Preempted(self.stop.signum, s.step, str(path))
 
     def shared_eval(self) -> list[float]:
         """Rank 0's test loss and accuracy on every rank (the others wait here while rank 0 evaluates)."""
-        return self.ranks.main_values([self.last_eval.loss, self.last_eval.acc] if self.last_eval else [0.0, 0.0])
+        return self.ranks.main_values([self.last_eval.loss, self.last_eval.acc] if self.last_eval else [0.0, 0.0],
+                                      "rank 0's test loss and accuracy")
 
     def epoch_line(self, tally: EpochTally, test_acc: float) -> str:
         cfg, s = self.cfg, self.state
@@ -204,6 +225,7 @@ class Trainer:
                 f"elapsed {elapsed:.1f}s  eta {eta:.1f}s")
 
     def summary(self) -> dict:
+        progress.enter("evaluation")
         if self.last_eval is None and self.env.is_main:  # resumed a finished run: evaluate what it saved
             self.last_eval = evaluate(self.model, *self.test)
         test_loss, test_acc = self.shared_eval()

@@ -10,16 +10,19 @@ Progress is the per-rank counter in progress.py. Every rank runs two daemon thre
   * once training has started (the first step), if no rank's progress moved for `hang_timeout` seconds,
     the job is hung. It names the ranks whose heartbeat stopped (a stopped or wedged process, a lost
     node); if every process still runs, the ranks that moved last (the others wait for them in a
-    collective). Every live rank exits with EXIT_HUNG; a stopped rank on this host is killed, so that
-    torchrun restarts the group at once instead of waiting for it to exit.
+    collective). Every live rank writes its post-mortem (postmortem.py) into one folder of the run dir
+    and exits with EXIT_HUNG; a stopped rank on this host is killed, so that torchrun restarts the
+    group at once instead of waiting for it to exit.
   * if a rank posted a failure (`abort`), every other rank exits at once with its exit code, instead of
     waiting in a collective for a peer that is gone (NCCL waits out its own timeout).
 Before the first step (download, rendezvous, W&B start-up) the process group's start-up limit applies.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from pathlib import Path
 import signal
 import socket
 import threading
@@ -29,7 +32,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from . import progress
+from . import postmortem, progress
 from .distributed import DistEnv
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
@@ -86,8 +89,9 @@ class Failure:
 
 
 class Watchdog:
-    def __init__(self, env: DistEnv, hang_timeout: float):
+    def __init__(self, env: DistEnv, hang_timeout: float, run_dir: str | os.PathLike = "."):
         self.rank, self.world_size, self.timeout = env.rank, env.world_size, hang_timeout
+        self.run_dir = Path(run_dir)
         self.interval = min(1.0, hang_timeout / 10) if hang_timeout else 1.0
         self.store_at = f"{env.master_addr}:{env.master_port}"
         self.host = socket.gethostname()
@@ -168,19 +172,34 @@ class Watchdog:
     def hung(self, now: float) -> None:
         stale_after = max(3 * self.interval, self.timeout / 2)
         step = max(p.last.step for p in self.peers.values())
+        culprits, stopped_here = [0], {}
         if now - self.heard_at > stale_after:
-            culprits, who = [0], (f"the rendezvous store at {self.store_at}, which stopped answering (it is served by "
-                                  f"rank 0's process, or by torchrun's agent)")
+            who = (f"the rendezvous store at {self.store_at}, which stopped answering (it is served by rank 0's "
+                   f"process, or by torchrun's agent)")
         else:
             culprits, why = self.culprits(now, stale_after)
             who = ", ".join(f"rank {r} (pid {self.peers[r].last.pid} on {self.peers[r].last.host})" for r in culprits)
             who += f", {why}"
-            self.kill_stopped_here(culprits, now, stale_after)
+            stopped_here = self.stopped_here(culprits, now, stale_after)
+        folder = self.postmortem_folder(step)
+        line = (f"no progress on any rank for {now - self.moved_at:.0f} s (--hang-timeout {self.timeout:g}) at step "
+                f"{step}: waiting for {who}; what each rank was doing is in {folder} (mnist-dist hangs "
+                f"{self.run_dir}); then run the same command again to resume from the newest checkpoint")
+        try:
+            postmortem.write(folder, self.rank, self.world_size, culprits, line, stopped_here)
+        except Exception as err:  # whatever happens, this thread must end the process
+            line += f" (rank {self.rank} could not write its post-mortem: {type(err).__name__}: {err})"
+        for pid in stopped_here.values():
+            with contextlib.suppress(OSError):  # it ended by itself meanwhile, or is not ours to signal
+                os.kill(pid, signal.SIGKILL)
         printer = min((r for r in range(self.world_size) if r not in culprits), default=0)
-        self.exit(EXIT_HUNG, (f"no progress on any rank for {now - self.moved_at:.0f} s (--hang-timeout "
-                              f"{self.timeout:g}) at step {step}: waiting for {who}; look at that process or node "
-                              f"(py-spy dump --pid PID, the node's dmesg), then run the same command again to "
-                              f"resume from the newest checkpoint") if printer == self.rank else None)
+        self.exit(EXIT_HUNG, line if printer == self.rank else None)
+
+    def postmortem_folder(self, step: int) -> Path:
+        """RUN_DIR/hangs/<when>-step<N>: the first rank to get here names it for all (through the store)."""
+        mine = f"{time.strftime('%Y%m%d-%H%M%S')}-step{step}"
+        agreed = call_with_timeout(2, lambda: self.store.compare_set("hang", "", mine).decode())
+        return self.run_dir / "hangs" / (agreed or mine)
 
     def culprits(self, now: float, stale_after: float) -> tuple[list[int], str]:
         """The ranks the others wait for, and why, in words."""
@@ -192,15 +211,12 @@ class Watchdog:
         which = "which still run" if len(moved_last) < self.world_size else "(every rank) which still run"
         return moved_last, f"{which} but make no progress (stuck in a collective, a GPU call or the file system)"
 
-    def kill_stopped_here(self, culprits: list[int], now: float, stale_after: float) -> None:
-        """SIGKILL the stopped ranks on this host, so that torchrun notices at once and restarts the group."""
-        for r in culprits:
-            peer = self.peers[r]
-            if peer.last.host == self.host and peer.last.pid != os.getpid() and now - peer.alive_at > stale_after:
-                try:
-                    os.kill(peer.last.pid, signal.SIGKILL)
-                except OSError:  # it ended by itself meanwhile, or is not ours to signal
-                    pass
+    def stopped_here(self, culprits: list[int], now: float, stale_after: float) -> dict[int, int]:
+        """The stopped ranks on this host (rank -> pid): their state goes into the post-mortem, then they are
+        killed, so that torchrun notices at once and restarts the group."""
+        return {r: self.peers[r].last.pid for r in culprits
+                if self.peers[r].last.host == self.host and self.peers[r].last.pid != os.getpid()
+                and now - self.peers[r].alive_at > stale_after}
 
     def exit(self, code: int, message: str | None) -> None:
         """End this process now: the main thread may be blocked in a collective that never returns."""

@@ -4,6 +4,8 @@
   torch.Generator, so seeding, drawing, saving and restoring its state behave as on a GPU.
 - `save_on_cuda(obj, path)`: torch.save that records every storage at 'cuda:0', as a GPU job's
   checkpoint is (loading it without map_location fails on this machine, as it would for a user).
+- `nccl_flight_recorder(monkeypatch, dump)`: the process group reports the nccl backend, and NCCL's
+  Flight Recorder dump returns `dump` (the generic one, which gloo uses, fails if asked).
 - `python tests/fakes.py GPUS -m MODULE ARGS...`: run MODULE in a process that sees GPUS fake GPUs
   (torchrun starts it like any script), to drive a real job through its device checks.
 """
@@ -66,6 +68,18 @@ def fake_cuda(n: int) -> Iterator[tuple[torch.Generator, ...]]:
         yield torch.cuda.default_generators
     finally:
         uninstall(undo)
+
+
+def nccl_flight_recorder(monkeypatch, dump: bytes) -> None:
+    import torch.distributed as dist
+    from torch._C import _distributed_c10d as c10d
+
+    def generic():
+        raise AssertionError("the generic Flight Recorder was dumped for an NCCL process group")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(c10d, "_dump_nccl_trace_json", lambda *a, **k: dump)
+    monkeypatch.setattr(c10d, "_dump_fr_trace_json", generic)
 
 
 _ON_CUDA = [False]

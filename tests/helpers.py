@@ -61,11 +61,12 @@ def run_train(nproc: int, data: Path, run_dir: Path, *flags: str, timeout: float
 STARTED: list[subprocess.Popen] = []
 
 
-def start_train(nproc: int, data: Path, run_dir: Path, *flags: str, restarts: int = 0) -> subprocess.Popen:
+def start_train(nproc: int, data: Path, run_dir: Path, *flags: str, restarts: int = 0,
+                env: dict | None = None) -> subprocess.Popen:
     """A training run in the background, in its own process group (killed after the test if still alive)."""
     cmd = train_cmd(nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
                     restarts=restarts)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     STARTED.append(proc)
     return proc

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers import ROOT, assert_same_params, final_ckpt, job_env, run_train, summary
-from fakes import fake_cuda, save_on_cuda
-from mnist_dist import checkpoint, devices, distributed, locks, optim
+from fakes import fake_cuda, nccl_flight_recorder, save_on_cuda
+from mnist_dist import checkpoint, devices, distributed, locks, optim, postmortem
 from mnist_dist.config import parse_config
 from mnist_dist.model import build
 
@@ -117,6 +117,24 @@ def test_deterministic_kernels_on_gpus_and_nothing_changes_on_the_cpu(monkeypatc
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
         torch.use_deterministic_algorithms(before[2])
+
+
+def test_nccl_keeps_a_flight_recorder_unless_the_user_chose():
+    on_gpus, on_cpus, chosen = {}, {}, {"TORCH_FR_BUFFER_SIZE": "0"}
+    postmortem.record_collectives("nccl", on_gpus)
+    postmortem.record_collectives("gloo", on_cpus)
+    postmortem.record_collectives("nccl", chosen)
+    assert (on_gpus, on_cpus, chosen) == ({"TORCH_FR_BUFFER_SIZE": "2000"}, {}, {"TORCH_FR_BUFFER_SIZE": "0"})
+
+
+def test_a_hang_on_nccl_keeps_nccls_flight_recorder_dump(monkeypatch, tmp_path):
+    """The post-mortem of an NCCL rank holds NCCL's own Flight Recorder record (simulated: no NCCL here)."""
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "2000")
+    nccl_flight_recorder(monkeypatch, b'{"entries": [{"profiling_name": "nccl:all_reduce"}]}')
+    postmortem.write(tmp_path / "hang", 3, 8, [5], "the hang line", {})
+    assert (tmp_path / "hang" / "rank-3.flight-recorder.json").read_bytes().startswith(b'{"entries": [{"profiling_name": "nccl')
+    report = postmortem.read_report(tmp_path / "hang" / "rank-3.txt")
+    assert report["rank"] == "3 of 8" and report["waiting for"] == "rank 5"
 
 
 def test_the_suite_and_the_bench_hide_gpus():

@@ -1,14 +1,19 @@
 """Hung ranks and shared run dirs: the hang watchdog (a real SIGSTOP) and the run-dir lock."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_RUN, assert_same_params, metrics, run_train, start_train, summary, wait_for, worker_pid, write_idx
+from helpers import (ROOT, SMALL_RUN, assert_same_params, job_env, metrics, run_train, start_train, summary,
+                     wait_for, worker_pid, write_idx)
+from mnist_dist import postmortem
 from mnist_dist.errors import EXIT_HUNG, EXIT_USAGE
 
 HANG = 6  # --hang-timeout of these tests, in seconds
@@ -24,19 +29,91 @@ def stop_rank_at_step(proc, run: Path, rank: int, step: int = 100) -> int:
     return pid
 
 
-@pytest.mark.parametrize("stopped", [1, 0])
-def test_a_stopped_rank_ends_the_job_with_the_hang_code_naming_it(medium_data, tmp_path, stopped):
-    """SIGSTOP of one worker mid-epoch: every live rank stops within the limit, one line names the rank."""
-    run = tmp_path / "run"
-    proc = start_train(2, medium_data, run, *FLAGS, "--epochs", "50")
+@pytest.fixture(scope="module", params=[1, 0], ids=["rank1-stopped", "rank0-stopped"])
+def stopped_job(request, medium_data, tmp_path_factory):
+    """A 2-rank job whose rank `stopped` is SIGSTOPped mid-epoch, run to its end: what the tests read.
+    The collectives' Flight Recorder records (as it does by default with NCCL)."""
+    stopped, run = request.param, tmp_path_factory.mktemp("stopped") / "run"
+    proc = start_train(2, medium_data, run, *FLAGS, "--epochs", "50", env=job_env(TORCH_FR_BUFFER_SIZE="100"))
     pid = stop_rank_at_step(proc, run, stopped)
     start = time.monotonic()
     _, err = proc.communicate(timeout=HANG + 120)
-    took = time.monotonic() - start
-    assert proc.returncode != 0 and f"exitcode  : {EXIT_HUNG}" in err, err
+    return {"stopped": stopped, "pid": pid, "run": run, "err": err, "code": proc.returncode,
+            "took": time.monotonic() - start}
+
+
+def test_a_stopped_rank_ends_the_job_with_the_hang_code_naming_it(stopped_job):
+    """SIGSTOP of one worker mid-epoch: every live rank stops within the limit, one line names the rank."""
+    err, stopped, pid = stopped_job["err"], stopped_job["stopped"], stopped_job["pid"]
+    assert stopped_job["code"] != 0 and f"exitcode  : {EXIT_HUNG}" in err, err
     assert err.count("no progress on any rank for") == 1, err
     assert f"(--hang-timeout {HANG}) at step" in err and f"waiting for rank {stopped} (pid {pid} on" in err
-    assert took < HANG + 30, f"the job took {took:.0f} s to end"
+    assert stopped_job["took"] < HANG + 30, f"the job took {stopped_job['took']:.0f} s to end"
+
+
+def test_the_hang_line_names_the_post_mortem_folder(stopped_job):
+    [folder] = (stopped_job["run"] / "hangs").iterdir()
+    assert f"what each rank was doing is in {folder} (mnist-dist hangs {stopped_job['run']})" in stopped_job["err"]
+
+
+def test_the_live_ranks_post_mortem_shows_it_waiting_in_a_training_collective(stopped_job):
+    """The live rank was stopped by its peer's absence in the step's gradient averaging (or, if the peer
+    stopped between the two, the sync point's all_reduce): its file says which, with its stacks."""
+    live = 1 - stopped_job["stopped"]
+    [folder] = (stopped_job["run"] / "hangs").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [f"rank-{live}.flight-recorder.json", f"rank-{live}.txt"], \
+        "the stopped rank wrote nothing"
+    report = postmortem.read_report(folder / f"rank-{live}.txt")
+    collective = report["last collective"]
+    assert (report["phase"], collective.split(" (entered")[0]) in {
+        ("training step", "DDP's gradient averaging, in backward"),
+        ("sync point", "all_reduce of the sync point (losses, right answers, stop flags)")}, report
+    assert report["frame"].split()[0] in {"wait_for", "average", "hook", "train_step", "sync"}, report["frame"]
+    assert report["waiting for"] == f"rank {stopped_job['stopped']}"
+    assert f"(pid {stopped_job['pid']}) seen from /proc on" in (folder / f"rank-{live}.txt").read_text()
+
+
+def test_the_flight_recorders_record_of_the_collectives_is_kept(stopped_job):
+    live = 1 - stopped_job["stopped"]
+    [folder] = (stopped_job["run"] / "hangs").iterdir()
+    entries = json.loads((folder / f"rank-{live}.flight-recorder.json").read_text())["entries"]
+    assert entries and {e["profiling_name"] for e in entries} >= {"gloo:all_reduce", "gloo:broadcast"}
+
+
+def test_the_hangs_summary_names_the_stopped_rank_missing_in_its_stopped_state(stopped_job):
+    res = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "hangs", str(stopped_job["run"])], cwd=ROOT,
+                         env=job_env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    stopped, live = stopped_job["stopped"], 1 - stopped_job["stopped"]
+    assert lines[0].endswith(f"the ranks waited for rank {stopped}"), lines
+    assert f"rank {stopped}: missing (it could not run Python: state T (stopped))" in lines
+    assert any(line.startswith(f"rank {live}: ") and "; in " in line and "mnist_dist/" in line for line in lines), lines
+
+
+def test_a_rank_stuck_writing_a_checkpoint_is_shown_in_that_phase_and_frame(medium_data, tmp_path):
+    """Rank 0's epoch-end checkpoint write blocks (its temporary file is a FIFO that nobody reads, as a
+    file system that stops answering): the summary shows rank 0 in the checkpoint write, in files.py."""
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, *SMALL_RUN, "--epochs", "2", "--hang-timeout", str(HANG))
+    wait_for(lambda: started(proc, 0), what="rank 0 to start")
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    os.mkfifo(run / "checkpoints" / f".ckpt-{8192 // 8:08d}.pt.tmp{worker_pid(proc, 0)}")
+    _, err = proc.communicate(timeout=HANG + 120)
+    assert f"exitcode  : {EXIT_HUNG}" in err, err
+    res = subprocess.run([sys.executable, "-m", "mnist_dist.cli", "hangs", str(run)], cwd=ROOT, env=job_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    [rank0] = [line for line in res.stdout.splitlines() if line.startswith("rank 0: ")]
+    assert rank0.startswith("rank 0: checkpoint write;") and "in atomic_write (mnist_dist/files.py:" in rank0, res.stdout
+    assert "rank 1: epoch end; last collective all_reduce of the stop flags" in res.stdout, res.stdout
+
+
+def started(torchrun, rank: int) -> bool:
+    try:
+        return worker_pid(torchrun, rank) > 0
+    except (AssertionError, OSError):  # not yet, or a child that just went
+        return False
 
 
 def test_torchrun_restarts_a_hung_group_and_the_resume_is_exact(medium_data, tmp_path):

@@ -83,6 +83,10 @@ def test_gloo_averages_two_ranks_bit_for_bit_like_shared_memory(seed_run):
     assert_same_params(gloo, two)
 
 
+def test_nothing_is_profiled_unless_asked(seed_run):
+    assert not (seed_run("one")[0] / "profile").exists()
+
+
 def test_a_different_seed_gives_a_different_model(seed_run):
     """The comparisons above can fail: another seed really ends elsewhere."""
     p1, p3 = params(final_ckpt(seed_run("one")[0])), params(final_ckpt(seed_run("other_seed")[0]))
