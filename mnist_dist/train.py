@@ -71,6 +71,7 @@ class Trainer:
         self.pending: list[tuple[torch.Tensor, ...]] = []  # (loss, logits, labels) of each step since the last sync
         self.last_eval = None
         self.train_seconds = self.epoch_seconds = 0.0
+        self.epoch_samples = 0  # trained in this process's part of the epoch (a resumed epoch's rest)
         self.fit_start = self.t_sync = time.perf_counter()
         self.start_step = self.state.step
         self.profiler = StepProfiler.wanted(cfg, env, self.steps_per_epoch * cfg.epochs, self.device, tracker.say)
@@ -118,7 +119,7 @@ class Trainer:
         order = data.epoch_indices(len(self.train_y), self.env.rank, self.env.world_size, cfg.seed, epoch, self.device)
         for group in self.opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
             group["lr"] = cfg.lr * cfg.lr_decay ** epoch
-        self.epoch_seconds, self.t_sync = 0.0, time.perf_counter()
+        self.epoch_seconds, self.epoch_samples, self.t_sync = 0.0, 0, time.perf_counter()
         progress.enter("training step")
         return order
 
@@ -169,6 +170,7 @@ class Trainer:
         self.state.epoch_tally.add(step_losses, n_correct, len(labels) * W)
         self.pending.clear()
         self.epoch_seconds += now - self.t_sync
+        self.epoch_samples += len(labels) * W
         progress.enter("training step")
         return stopping > 0
 
@@ -221,7 +223,7 @@ class Trainer:
         elapsed = time.perf_counter() - self.fit_start
         eta = elapsed / max(s.step - self.start_step, 1) * (cfg.epochs * self.steps_per_epoch - s.step)
         return (f"epoch {s.epoch}/{cfg.epochs}  train_loss {tally.mean_loss:.4f}  train_acc {tally.accuracy:.2%}  "
-                f"test_acc {test_acc:.2%}  {tally.samples / max(self.epoch_seconds, 1e-9):,.0f} samples/s  "
+                f"test_acc {test_acc:.2%}  {self.epoch_samples / max(self.epoch_seconds, 1e-9):,.0f} samples/s  "
                 f"elapsed {elapsed:.1f}s  eta {eta:.1f}s")
 
     def summary(self) -> dict:

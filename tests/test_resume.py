@@ -205,3 +205,18 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(medium_data, tmp_path):
     assert "mnist_dist/" not in err, "no traceback from the ranks"
     lines = [line for line in err.splitlines() if line.startswith("mnist-dist: error:")]
     assert len(lines) <= 1 and all("rank 1 stops: it lost contact with another rank" in line for line in lines), err
+
+
+def test_the_epoch_line_after_a_mid_epoch_resume_counts_only_the_samples_it_trained(medium_data, tmp_path):
+    """Stopped at step ~800 of 1024, the resumed run trains the epoch's last ~224 steps: its samples/s is
+    theirs, not the whole epoch's samples over a fifth of its time."""
+    run = tmp_path / "run"
+    code, err = interrupted(1, medium_data, run, signal.SIGTERM, 800, *FLAGS, "--epochs", "1")
+    assert code == EXIT_PREEMPTED, err
+    res = run_train(1, medium_data, run, *FLAGS, "--epochs", "1")
+    assert res.returncode == 0, res.stderr
+    printed = float(res.stdout.split(" samples/s")[0].split()[-1].replace(",", ""))
+    resumed_at = int(res.stdout.split("(step ")[1].split(")")[0])
+    rates = sorted(r["samples_per_s"] for r in metrics(run) if "samples_per_s" in r and r["step"] > resumed_at)
+    median = rates[len(rates) // 2]
+    assert median / 2 < printed < median * 2, (printed, rates)
