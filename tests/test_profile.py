@@ -39,7 +39,7 @@ def test_rank_0_prints_the_top_operators_by_self_time(profiled):
     assert "profile of steps 5-8 in " in out and "Self CPU" in out
     table = out[out.index("profile of steps 5-8"):].split("Self CPU time total")[0].splitlines()
     rows = [line for line in table[4:] if line.strip() and not line.startswith("---")]
-    assert len(rows) == 10 and "aten::" in table[4], table
+    assert len(rows) == 10 and any(row.lstrip().startswith("aten::") for row in rows), table
 
 
 def test_profile_ranks_limits_the_traces_to_those_ranks(tiny_data, tmp_path):
