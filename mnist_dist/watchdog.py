@@ -37,6 +37,7 @@ from .distributed import DistEnv
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
 STORE_LOST_S = 10.0  # the store refusing us this long: the process that served it has gone
+REPORTS_WAIT_S = 5.0  # how long the first rank to exit at a hang waits for the others' post-mortems
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Watchdog:
         self.total, self.local = -1, -1
         self.failing_since: float | None = None
         self.failure: Failure | None = None  # posted by a rank that failed
+        self.hang_declared = False           # by another rank: follow it at once
         self.done = threading.Event()
         for target in (self.publish, self.judge):
             threading.Thread(target=target, daemon=True, name=f"watchdog-{target.__name__}").start()
@@ -132,6 +134,7 @@ class Watchdog:
             try:
                 self.store.set(keys[self.rank], Heartbeat(count, progress.units, progress.step, self.host,
                                                           os.getpid()).encode())
+                self.hang_declared = self.hang_declared or self.store.check(["hang"])
                 if self.store.check(["abort"]):
                     self.failure = Failure.decode(self.store.get("abort").decode())
                 if self.store.check(keys):
@@ -166,7 +169,8 @@ class Watchdog:
                 self.local, self.moved_at = progress.units, now
             # a rank past step 1 means every rank took part in step 1 (its gradients were averaged)
             started = progress.step > 0 or any(p.last.step > 0 for p in self.peers.values())
-            if self.timeout and started and len(self.peers) == self.world_size and now - self.moved_at >= self.timeout:
+            if self.timeout and started and len(self.peers) == self.world_size and (
+                    now - self.moved_at >= self.timeout or self.hang_declared):
                 self.hung(now)
 
     def hung(self, now: float) -> None:
@@ -189,11 +193,22 @@ class Watchdog:
             postmortem.write(folder, self.rank, self.world_size, culprits, line, stopped_here)
         except Exception as err:  # whatever happens, this thread must end the process
             line += f" (rank {self.rank} could not write its post-mortem: {type(err).__name__}: {err})"
+        live = sum(now - p.alive_at <= stale_after for p in self.peers.values())
+        self.wait_for_reports(live if now - self.heard_at <= stale_after else 1)
         for pid in stopped_here.values():
             with contextlib.suppress(OSError):  # it ended by itself meanwhile, or is not ours to signal
                 os.kill(pid, signal.SIGKILL)
         printer = min((r for r in range(self.world_size) if r not in culprits), default=0)
         self.exit(EXIT_HUNG, line if printer == self.rank else None)
+
+    def wait_for_reports(self, live: int) -> None:
+        """Count this rank's post-mortem as written and wait (a few seconds at most) for the other live
+        ranks': a launcher kills them as soon as one rank exits."""
+        written = call_with_timeout(2, lambda: self.store.add("hang-reports", 1))
+        end = time.monotonic() + REPORTS_WAIT_S
+        while written is not None and written < live and time.monotonic() < end:
+            time.sleep(0.05)
+            written = call_with_timeout(1, lambda: self.store.add("hang-reports", 0))
 
     def postmortem_folder(self, step: int) -> Path:
         """RUN_DIR/hangs/<when>-step<N>: the first rank to get here names it for all (through the store)."""
