@@ -62,9 +62,9 @@ class Trainer:
         self.model, self.opt = self.build_model()
         self.ckpt = Checkpointer(cfg, enabled=env.is_main)
         self.start_from(ckpt)
-        self.ddp, averaging = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
-        self.averaging = W > 1
-        tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {averaging}")
+        self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
+        self.averages_gradients = W > 1  # read every step: the one check there
+        tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {how}")
         self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
         # DistributedSampler pads the data to a multiple of the world size
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train_y) / W) / self.per_rank)
@@ -132,7 +132,7 @@ class Trainer:
         x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
         logits = self.ddp(x)
         loss = F.cross_entropy(logits, y)
-        if self.averaging:
+        if self.averages_gradients:
             progress.entering("DDP's gradient averaging, in backward")
         loss.backward()
         optim.step(self.opt)  # and clears the gradients
@@ -154,23 +154,24 @@ class Trainer:
         Logs the interval; returns whether any rank got a stop signal."""
         progress.enter("sync point")
         losses, logits, labels = zip(*self.pending)
-        labels, W = torch.cat(labels), self.env.world_size
+        labels = torch.cat(labels)
+        samples = len(labels) * self.env.world_size
         right = (torch.cat(logits).argmax(1) == labels).sum().float()
         signum = torch.tensor([float(self.stop.signum)], device=self.device)
         packet = torch.cat([torch.stack(losses), right.view(1), signum])
         progress.entering("all_reduce of the sync point (losses, right answers, stop flags)")
         dist.all_reduce(packet)
         *step_losses, n_correct, stopping = packet.tolist()  # host-device sync point
-        step_losses = [v / W for v in step_losses]  # equal per-rank batches: the mean is the global mean
+        step_losses = [v / self.env.world_size for v in step_losses]  # equal per-rank batches: the global mean
         self.check_finite(step_losses)
         now = time.perf_counter()
         self.tracker.log({"step": self.state.step, "epoch": self.state.epoch + 1,
                           "train_loss": sum(step_losses) / len(step_losses), "lr": self.opt.param_groups[0]["lr"],
-                          "samples_per_s": len(labels) * W / (now - self.t_sync)})
-        self.state.epoch_tally.add(step_losses, n_correct, len(labels) * W)
+                          "samples_per_s": samples / (now - self.t_sync)})
+        self.state.epoch_tally.add(step_losses, n_correct, samples)
         self.pending.clear()
         self.epoch_seconds += now - self.t_sync
-        self.epoch_samples += len(labels) * W
+        self.epoch_samples += samples
         progress.enter("training step")
         return stopping > 0
 

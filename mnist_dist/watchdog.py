@@ -176,15 +176,17 @@ class Watchdog:
     def hung(self, now: float) -> None:
         stale_after = max(3 * self.interval, self.timeout / 2)
         step = max(p.last.step for p in self.peers.values())
+        store_lost = now - self.heard_at > stale_after
+        stopped = [r for r, p in sorted(self.peers.items()) if now - p.alive_at > stale_after]  # heartbeat stale
         culprits, stopped_here = [0], {}
-        if now - self.heard_at > stale_after:
+        if store_lost:
             who = (f"the rendezvous store at {self.store_at}, which stopped answering (it is served by rank 0's "
                    f"process, or by torchrun's agent)")
         else:
-            culprits, why = self.culprits(now, stale_after)
+            culprits, why = self.culprits(stopped)
             who = ", ".join(f"rank {r} (pid {self.peers[r].last.pid} on {self.peers[r].last.host})" for r in culprits)
             who += f", {why}"
-            stopped_here = self.stopped_here(culprits, now, stale_after)
+            stopped_here = self.stopped_here(stopped)
         folder = self.postmortem_folder(step)
         line = (f"no progress on any rank for {now - self.moved_at:.0f} s (--hang-timeout {self.timeout:g}) at step "
                 f"{step}: waiting for {who}; what each rank was doing is in {folder} (mnist-dist hangs "
@@ -193,8 +195,7 @@ class Watchdog:
             postmortem.write(folder, self.rank, self.world_size, culprits, line, stopped_here)
         except Exception as err:  # whatever happens, this thread must end the process
             line += f" (rank {self.rank} could not write its post-mortem: {type(err).__name__}: {err})"
-        live = sum(now - p.alive_at <= stale_after for p in self.peers.values())
-        self.wait_for_reports(live if now - self.heard_at <= stale_after else 1)
+        self.wait_for_reports(1 if store_lost else self.world_size - len(stopped))
         for pid in stopped_here.values():
             with contextlib.suppress(OSError):  # it ended by itself meanwhile, or is not ours to signal
                 os.kill(pid, signal.SIGKILL)
@@ -216,9 +217,8 @@ class Watchdog:
         agreed = call_with_timeout(2, lambda: self.store.compare_set("hang", "", mine).decode())
         return self.run_dir / "hangs" / (agreed or mine)
 
-    def culprits(self, now: float, stale_after: float) -> tuple[list[int], str]:
-        """The ranks the others wait for, and why, in words."""
-        stopped = [r for r, p in sorted(self.peers.items()) if now - p.alive_at > stale_after]
+    def culprits(self, stopped: list[int]) -> tuple[list[int], str]:
+        """The ranks the others wait for, and why, in words; `stopped`: those whose heartbeat is stale."""
         if stopped:
             return stopped, "whose process stopped running (stopped, hung in the kernel, or its node is gone)"
         last = max(p.moved_at for p in self.peers.values())  # every process runs: the others wait for these
@@ -226,12 +226,11 @@ class Watchdog:
         which = "which still run" if len(moved_last) < self.world_size else "(every rank) which still run"
         return moved_last, f"{which} but make no progress (stuck in a collective, a GPU call or the file system)"
 
-    def stopped_here(self, culprits: list[int], now: float, stale_after: float) -> dict[int, int]:
+    def stopped_here(self, stopped: list[int]) -> dict[int, int]:
         """The stopped ranks on this host (rank -> pid): their state goes into the post-mortem, then they are
         killed, so that torchrun notices at once and restarts the group."""
-        return {r: self.peers[r].last.pid for r in culprits
-                if self.peers[r].last.host == self.host and self.peers[r].last.pid != os.getpid()
-                and now - self.peers[r].alive_at > stale_after}
+        return {r: self.peers[r].last.pid for r in stopped
+                if self.peers[r].last.host == self.host and self.peers[r].last.pid != os.getpid()}
 
     def exit(self, code: int, message: str | None) -> None:
         """End this process now: the main thread may be blocked in a collective that never returns."""
