@@ -8,6 +8,7 @@ evaluate|predict|export --checkpoint PATH` read the same files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -27,6 +28,7 @@ from .files import atomic_write
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d+)\.pt$")
+DEFAULTS = Config().to_dict()
 
 
 @dataclass
@@ -222,12 +224,24 @@ def resume_point(cfg: Config) -> dict | None:
         ckpt = found[0] if found else None
     else:
         ckpt = load(cfg.resume)
-    differ = [f for f in TRAJECTORY_FIELDS if ckpt is not None and ckpt["config"].get(f) != getattr(cfg, f)]
+    saved = {**DEFAULTS, **ckpt["config"]} if ckpt is not None else {}  # a field newer than the checkpoint: its default
+    differ = [f for f in TRAJECTORY_FIELDS if ckpt is not None and saved[f] != getattr(cfg, f)]
     if differ:
-        diffs = ", ".join(f"--{flag(f)} {ckpt['config'].get(f)} (saved) vs {getattr(cfg, f)} (now)" for f in differ)
+        diffs = ", ".join(f"--{flag(f)} {saved[f]} (saved) vs {getattr(cfg, f)} (now)" for f in differ)
         raise UsageError(f"cannot resume from the checkpoint in {ckpt_dir}: {diffs}; use another --run-dir "
                          f"or --no-resume --overwrite")
     return ckpt
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor], digits: int = 12) -> str:
+    """The first `digits` hex digits of the SHA-256 of a state dict (names, dtypes, shapes and bytes, in
+    order): runs with equal fingerprints hold the same weights, bit for bit."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:digits]
 
 
 # --- random number generator states, as plain tensors and numbers -------------------------------

@@ -32,6 +32,8 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     deterministic: bool = field(default=True, metadata={"help": "deterministic GPU kernels (cuDNN, cuBLAS), so a resumed run equals an uninterrupted one bit for bit on GPUs too; --no-deterministic trades that for speed (the CPU is deterministic either way)"})
+    exact: bool = field(default=False, metadata={"help": "the same model bit for bit from 1, 2, 4 ... ranks (any divisor of --pieces), at some speed: see exact.py"})
+    pieces: int = field(default=8, metadata={"help": "with --exact: the fixed pieces each global batch is cut into (a power of two dividing --batch-size); the most ranks it serves"})
     cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
     # logging and checkpoints
     log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})
@@ -57,7 +59,7 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise UsageError(f"--{flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        for name in ("epochs", "batch_size", "hidden", "log_every", "keep_last"):
+        for name in ("epochs", "batch_size", "hidden", "log_every", "keep_last", "pieces"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("lr", "lr_decay"):
@@ -70,11 +72,25 @@ class Config:
             raise UsageError(f"--hang-timeout must be 0 (off) or at least 1 second, got {self.hang_timeout}")
         step_range(self.profile_steps)  # the format; the run's length is checked once the data is loaded
         rank_list(self.profile_ranks)
+        if self.exact:
+            self.validate_exact(world_size)
         if self.batch_size % world_size:
             raise UsageError(
                 f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
                 f"world size {world_size} (each rank takes an equal share)"
             )
+
+    def validate_exact(self, world_size: int) -> None:
+        p = self.pieces
+        if p & (p - 1) or self.batch_size % p:
+            raise UsageError(f"--pieces must be a power of two that divides --batch-size {self.batch_size}, got {p}")
+        if not self.deterministic:
+            raise UsageError("--exact needs deterministic kernels: drop --no-deterministic")
+        if p % world_size:
+            *few, most = [str(w) for w in range(1, p + 1) if p % w == 0]
+            works = f"{', '.join(few)} or {most}" if few else most
+            raise UsageError(f"--exact cuts every global batch into {p} pieces, which {world_size} ranks cannot share "
+                             f"evenly: start {works} ranks, or change --pieces")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,7 +106,7 @@ class Config:
 
 
 # Fields that shape the model or its training trajectory: a resumed run must match them.
-TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed")
+TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed", "exact", "pieces")
 
 # Fields that may differ between nodes: only rank 0 reads and writes the run dir and the checkpoints.
 PER_NODE_FIELDS = ("data_dir", "run_dir", "resume")

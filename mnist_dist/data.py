@@ -124,3 +124,14 @@ def epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, dev
     sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long, device=device)
+
+
+def exact_epoch_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, batch_size: int,
+                        device: torch.device) -> torch.Tensor:
+    """This rank's sample order for one epoch of --exact: the same permutation as above, padded (with its
+    first samples, as DistributedSampler pads) to whole global batches, of which rank r takes the r-th
+    contiguous share, so its pieces (exact.py) are the same global positions for any world size."""
+    order = epoch_indices(n, 0, 1, seed, epoch, device)
+    steps = -(-n // batch_size)
+    order = torch.cat([order, order[:steps * batch_size - n]])
+    return order.view(steps, world_size, batch_size // world_size)[:, rank].reshape(-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import DistEnv
-from .errors import UsageError
+from . import host_allreduce
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_allreduce: str = "auto",
@@ -23,14 +23,10 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_all
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         return ddp, "gradients averaged by nccl all_reduce"
-    if cpu_allreduce != "gloo" and all(p.dtype == torch.float32 for p in model.parameters()):
-        from .host_allreduce import attach
-
-        shared = attach(env.rank, env.world_size, sum(p.numel() for p in model.parameters()))
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        shared = host_allreduce.wanted(cpu_allreduce, env.rank, env.world_size,
+                                       sum(p.numel() for p in model.parameters()), device)
         if shared:
             ddp.register_comm_hook(None, shared.hook)
             return ddp, "gradients averaged through shared memory (all ranks on this host)"
-    if cpu_allreduce == "shm":  # every rank got the same answer from attach(): all stop here together
-        raise UsageError("--cpu-allreduce shm: the ranks cannot share memory (they must all run on one x86 "
-                         "host with /dev/shm); use --cpu-allreduce auto or gloo", everywhere=True)
     return ddp, "gradients averaged by gloo all_reduce"

@@ -24,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 HEADER = 64  # bytes per rank: one cache line, so ranks publishing their numbers do not contend
 SHM_DIR = "/dev/shm"
 
@@ -46,16 +48,22 @@ class HostAllReduce:
 
     def average(self, grads: torch.Tensor) -> torch.Tensor:
         """Replace `grads` (float32, at most `numel` values) by its mean over all ranks, in place."""
-        n = grads.numel()
+        rows = self.gather(grads)
+        grads.copy_(rows[0])
+        for r in range(1, self.world_size):  # the same order on every rank: bit-identical results
+            grads.add_(rows[r])
+        return grads.div_(self.world_size)
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's `values` (float32, at most `numel`) as rows in rank order: a view of the shared
+        block, valid until this rank's next call (no rank can overwrite it before then)."""
+        n = values.numel()
         self.calls += 1
         half = self.slots[self.calls % 2]
-        half[self.rank, :n].copy_(grads)
+        half[self.rank, :n].copy_(values)
         self.seqs[self.rank] = self.calls  # publish after the copy: x86 keeps stores in order
         self.wait_for(self.calls)
-        grads.copy_(half[0, :n])
-        for r in range(1, self.world_size):  # the same order on every rank: bit-identical results
-            grads.add_(half[r, :n])
-        return grads.div_(self.world_size)
+        return half[:, :n]
 
     def wait_for(self, calls: int) -> None:
         """Spin while the others are about to arrive (they compute on their own cores); after 2 ms
@@ -106,6 +114,18 @@ def attach(rank: int, world_size: int, numel: int, timeout_s: float = 600) -> Ho
     shared = HostAllReduce(block, rank, world_size, numel, timeout_s)
     shared.pids[rank] = os.getpid()
     dist.barrier()  # every pid is written before anyone checks them
+    return shared
+
+
+def wanted(cpu_allreduce: str, rank: int, world_size: int, numel: int, device: torch.device) -> HostAllReduce | None:
+    """The shared block for CPU ranks on one host unless told to use gloo; None for the process group.
+    --cpu-allreduce shm that the ranks cannot serve is refused (on every rank: each got the same answer)."""
+    if device.type != "cpu" or world_size == 1:
+        return None
+    shared = attach(rank, world_size, numel) if cpu_allreduce != "gloo" else None
+    if shared is None and cpu_allreduce == "shm":
+        raise UsageError("--cpu-allreduce shm: the ranks cannot share memory (they must all run on one x86 "
+                         "host with /dev/shm); use --cpu-allreduce auto or gloo", everywhere=True)
     return shared
 
 

@@ -24,6 +24,7 @@ from .ddp import wrap_ddp
 from .distributed import DistEnv, Ranks
 from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_process, print_error
 from .evaluate import evaluate
+from .exact import ExactStep
 from .job import Job
 from .model import build, check_fits
 from .profiling import StepProfiler
@@ -62,12 +63,18 @@ class Trainer:
         self.model, self.opt = self.build_model()
         self.ckpt = Checkpointer(cfg, enabled=env.is_main)
         self.start_from(ckpt)
-        self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
+        if cfg.exact:  # no DDP: ExactStep makes the gradients, the same bits for any world size
+            self.ddp, self.exact = self.model, ExactStep(self.model, cfg, env, self.device)
+            how = self.exact.how
+        else:
+            self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
+            self.exact = None
         self.averages_gradients = W > 1  # read every step: the one check there
         tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {how}")
         self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
-        # DistributedSampler pads the data to a multiple of the world size
-        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_y) / W) / self.per_rank)
+        # DistributedSampler pads the data to a multiple of the world size; --exact to whole global batches
+        n = len(self.train_y)
+        self.steps_per_epoch = math.ceil(n / cfg.batch_size) if cfg.exact else math.ceil(math.ceil(n / W) / self.per_rank)
         self.pending: list[tuple[torch.Tensor, ...]] = []  # (loss, logits, labels) of each step since the last sync
         self.last_eval = None
         self.train_seconds = self.epoch_seconds = 0.0
@@ -116,7 +123,9 @@ class Trainer:
     def start_epoch(self) -> torch.Tensor:
         """This rank's sample order for the epoch; the epoch's learning rate."""
         cfg, epoch = self.cfg, self.state.epoch
-        order = data.epoch_indices(len(self.train_y), self.env.rank, self.env.world_size, cfg.seed, epoch, self.device)
+        n, rank, W = len(self.train_y), self.env.rank, self.env.world_size
+        order = (data.exact_epoch_indices(n, rank, W, cfg.seed, epoch, cfg.batch_size, self.device) if cfg.exact
+                 else data.epoch_indices(n, rank, W, cfg.seed, epoch, self.device))
         for group in self.opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
             group["lr"] = cfg.lr * cfg.lr_decay ** epoch
         self.epoch_seconds, self.epoch_samples, self.t_sync = 0.0, 0, time.perf_counter()
@@ -124,17 +133,20 @@ class Trainer:
         return order
 
     def train_step(self, order: torch.Tensor) -> None:
-        """One global batch: forward, backward (DDP averages the gradients), Adam. No host sync."""
+        """One global batch: forward, backward (DDP averages the gradients; or ExactStep), Adam. No host sync."""
         s, n = self.state, self.per_rank
         if self.profiler:
             self.profiler.before(s.step + 1)
         idx = order[s.batch_in_epoch * n:(s.batch_in_epoch + 1) * n]
         x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)
-        logits = self.ddp(x)
-        loss = F.cross_entropy(logits, y)
-        if self.averages_gradients:
-            progress.entering("DDP's gradient averaging, in backward")
-        loss.backward()
+        if self.exact:
+            loss, logits = self.exact(x, y, s.step)  # the global batch's loss and gradients
+        else:
+            logits = self.ddp(x)
+            loss = F.cross_entropy(logits, y)
+            if self.averages_gradients:
+                progress.entering("DDP's gradient averaging, in backward")
+            loss.backward()
         optim.step(self.opt)  # and clears the gradients
         self.pending.append((loss.detach(), logits.detach(), y))
         s.batch_in_epoch, s.step = s.batch_in_epoch + 1, s.step + 1
@@ -158,11 +170,12 @@ class Trainer:
         samples = len(labels) * self.env.world_size
         right = (torch.cat(logits).argmax(1) == labels).sum().float()
         signum = torch.tensor([float(self.stop.signum)], device=self.device)
-        packet = torch.cat([torch.stack(losses), right.view(1), signum])
+        losses = torch.stack(losses)  # each rank's mean loss of its equal share; --exact's: the global batch's
+        packet = torch.cat([right.view(1), signum] + ([] if self.exact else [losses]))
         progress.entering("all_reduce of the sync point (losses, right answers, stop flags)")
         dist.all_reduce(packet)
-        *step_losses, n_correct, stopping = packet.tolist()  # host-device sync point
-        step_losses = [v / self.env.world_size for v in step_losses]  # equal per-rank batches: the global mean
+        n_correct, stopping, *summed = packet.tolist()  # host-device sync point
+        step_losses = losses.tolist() if self.exact else [v / self.env.world_size for v in summed]
         self.check_finite(step_losses)
         now = time.perf_counter()
         self.tracker.log({"step": self.state.step, "epoch": self.state.epoch + 1,
@@ -240,7 +253,8 @@ class Trainer:
             "test_images": int(ev.confusion.sum()) if ev else None,
             "train_seconds": self.train_seconds, "total_seconds": time.time() - PROCESS_START,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "device": str(self.device), "run_dir": str(cfg.run_dir),
+            "device": str(self.device), "run_dir": str(cfg.run_dir), "exact": cfg.exact,
+            "fingerprint": checkpoint.fingerprint(self.model.state_dict()),
         }
 
 
@@ -258,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as err:  # said where it happened (Job.running)
         return err.exit_code
     if env.is_main:
-        print(f"test accuracy {summary['test_acc']:.2%}, summary in {Path(summary['run_dir']) / 'summary.json'}", flush=True)
+        print(f"test accuracy {summary['test_acc']:.2%}, weights' fingerprint {summary['fingerprint']}, summary in "
+              f"{Path(summary['run_dir']) / 'summary.json'}", flush=True)
     return EXIT_OK
 
 

@@ -6,6 +6,8 @@
   checkpoint is (loading it without map_location fails on this machine, as it would for a user).
 - `nccl_flight_recorder(monkeypatch, dump)`: the process group reports the nccl backend, and NCCL's
   Flight Recorder dump returns `dump` (the generic one, which gloo uses, fails if asked).
+- `nccl_collectives(monkeypatch, world_size)`: an nccl process group of `world_size` ranks whose
+  collectives only record their names (the tensors may live on the 'meta' device): a list of them.
 - `python tests/fakes.py GPUS -m MODULE ARGS...`: run MODULE in a process that sees GPUS fake GPUs
   (torchrun starts it like any script), to drive a real job through its device checks.
 """
@@ -80,6 +82,18 @@ def nccl_flight_recorder(monkeypatch, dump: bytes) -> None:
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(c10d, "_dump_nccl_trace_json", lambda *a, **k: dump)
     monkeypatch.setattr(c10d, "_dump_fr_trace_json", generic)
+
+
+def nccl_collectives(monkeypatch, world_size: int) -> list[str]:
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size)
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
+        monkeypatch.setattr(dist, name, lambda *args, _name=name, **kwargs: calls.append(_name))
+    return calls
 
 
 _ON_CUDA = [False]
