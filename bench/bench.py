@@ -2,6 +2,7 @@
 
     python bench/bench.py --data-dir ../shared/data [--conventional-epochs 1] [--repeats 3]
     python bench/bench.py --device cuda --nprocs 1      # both pipelines on the GPU (one rank per GPU)
+    python bench/bench.py --exact-models mlp,cnn         # also one epoch of the CNN, default vs --exact
 
 Prints a Markdown table (the README's). Both pipelines run on --device (default: the CPU, with GPUs
 hidden, so that a GPU machine does not compare a GPU run against a CPU one).
@@ -34,8 +35,8 @@ def env_for(device: str, base: dict = ENV) -> dict:
     return {**base, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else base
 
 
-def our_cmd(nproc: int, data_dir: str, run_dir: Path, device: str) -> list[str]:
-    flags = ["--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite", "--device", device]
+def our_cmd(nproc: int, data_dir: str, run_dir: Path, device: str, *extra: str) -> list[str]:
+    flags = ["--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite", "--device", device, *extra]
     return [sys.executable, "-m", "mnist_dist.train", *flags] if nproc == 1 else torchrun(nproc, "-m", "mnist_dist.train", *flags)
 
 
@@ -43,10 +44,11 @@ def conventional_cmd(nproc: int, data_dir: str, epochs: int, device: str) -> lis
     return torchrun(nproc, str(ROOT / "bench" / "conventional.py"), data_dir, str(epochs), device)
 
 
-def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV) -> dict:
-    """Wall time of the whole default command, and per-epoch figures from its metrics.jsonl."""
+def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV, flags: tuple = ()) -> dict:
+    """Wall time of the whole command (the default one unless `flags`), and per-epoch figures from its
+    metrics.jsonl."""
     t = time.perf_counter()
-    subprocess.run(our_cmd(nproc, data_dir, run_dir, device), cwd=ROOT, env=env_for(device, env), check=True,
+    subprocess.run(our_cmd(nproc, data_dir, run_dir, device, *flags), cwd=ROOT, env=env_for(device, env), check=True,
                    capture_output=True)
     wall = time.perf_counter() - t
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -54,7 +56,25 @@ def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV)
     s = json.loads((run_dir / "summary.json").read_text())
     to97 = next((r["elapsed_s"] for r in evals if r["test_acc"] >= 0.97), float("nan"))
     return {"wall_s": wall, "epoch_s": min(r["epoch_train_s"] for r in evals), "test_acc": s["test_acc"],
-            "to97_s": to97, "rss_mb": s["peak_rss_mb"]}
+            "to97_s": to97, "rss_mb": s["peak_rss_mb"], "fingerprint": s["fingerprint"]}
+
+
+def exact_vs_default(nprocs: list[int], models: list[str], repeats: int, data_dir: str, tmp: Path, device: str) -> list[str]:
+    """The table's lines: per model and world size, the default mode's and --exact's best epoch (runs
+    alternate), the ratio, both test accuracies and --exact's fingerprint (the same on every line of a model)."""
+    lines = ["| model | ranks | default epoch | --exact epoch | ratio | test acc default / --exact | --exact fingerprint |",
+             "|---|---|---|---|---|---|---|"]
+    for model in models:
+        flags = ("--model", "cnn", "--epochs", "1") if model == "cnn" else ()
+        for nproc in nprocs:
+            default, exact = [], []
+            for _ in range(repeats if model == "mlp" else 1):  # a CNN epoch takes a minute on a CPU
+                default.append(ours(nproc, data_dir, tmp / "default", device, flags=flags))
+                exact.append(ours(nproc, data_dir, tmp / "exact", device, flags=(*flags, "--exact")))
+            d, e = (min(r["epoch_s"] for r in runs) for runs in (default, exact))
+            lines.append(f"| {model} | {nproc} | {d:.3f} s | {e:.3f} s | {e / d:.2f}x | {default[0]['test_acc']:.2%} / "
+                         f"{exact[0]['test_acc']:.2%} | {exact[0]['fingerprint']} |")
+    return lines
 
 
 def conventional(nproc: int, data_dir: str, epochs: int, device: str) -> dict:
@@ -100,6 +120,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines run")
     p.add_argument("--nprocs", default="1,2", help="world sizes to time (on GPUs: at most the GPUs)")
+    p.add_argument("--exact-models", default="mlp", help="models to time with and without --exact (mlp, cnn; '' for none)")
     args = p.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +136,8 @@ def main() -> None:
         with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", args.device, env=default_env) for i in range(args.repeats)]
         save_ms, load_ms = checkpoint_ms(tmp / "ours1")
         stop_s = signal_to_exit_s(args.data_dir, tmp / "stop", args.device)
+        exact = exact_vs_default([int(n) for n in args.nprocs.split(",")], [m for m in args.exact_models.split(",") if m],
+                                 args.repeats, args.data_dir, tmp, args.device)
     print("| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% | test acc | peak RSS/rank |")
     print("|---|---|---|---|---|---|---|---|")
     best = []
@@ -144,7 +167,8 @@ def main() -> None:
           f"test acc {with_wandb[0]['test_acc']:.2%}")
     print(f"checkpoint save (fsync included) {save_ms:.1f} ms, load {load_ms:.1f} ms; "
           f"SIGTERM to exit (checkpoint included) {stop_s:.2f} s")
-    print(f"bench wall time {time.perf_counter() - t0:.0f} s")
+    print("\n" + "\n".join(exact))
+    print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

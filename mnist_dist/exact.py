@@ -36,6 +36,7 @@ from . import host_allreduce, progress
 from .config import Config
 from .distributed import DistEnv
 
+
 class ExactStep:
     """One training step of --exact: the global batch's mean loss, and its gradient set as the
     parameters' .grad, with the same bits on every rank and for every world size that divides P.
@@ -56,14 +57,12 @@ class ExactStep:
         self.gather, self.how = gatherer(cfg, env, device, len(self.root))
         self.total = torch.empty_like(self.root) if self.gather else self.root  # the whole tree's
         self.result = self.unpack(self.total)
-        self.eye = torch.eye(10, device=device)
         self.terms = MLPTerms(self, device) if cfg.model == "mlp" else AutogradTerms(self, device)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: this rank's pieces of global step `step` (0-based), in order. Returns the global batch's
         mean loss (a 0-dim tensor) and this rank's logits; sets every parameter's .grad."""
-        pieces = list(zip(x.split(self.piece), y.split(self.piece), self.eye.index_select(0, y).split(self.piece)))
-        logits = self.terms.sum(pieces, step)
+        logits = self.terms.sum(x, y, step)
         if self.gather:
             progress.entering("the gather of --exact's partial sums")
             level = self.gather(self.root)
@@ -126,11 +125,12 @@ class AutogradTerms:
         self.dropouts = keyed_dropouts(self.model)
         self.recording: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def sum(self, pieces: list, step: int) -> list[torch.Tensor]:
-        s, logits = self.step, []
+    def sum(self, x: torch.Tensor, y: torch.Tensor, step: int) -> list[torch.Tensor]:
+        """This rank's pieces' sum into the step's root; returns the pieces' logits."""
+        s, logits, pieces = self.step, [], list(zip(x.split(self.step.piece), y.split(self.step.piece)))
 
         def term(q: int, i: int) -> None:
-            x, y, _ = pieces[q]
+            x, y = pieces[q]
             grads, loss, self.recording = self.views[i]  # the norms' hooks write the piece's statistics there
             for dropout in self.dropouts:
                 dropout.key = (s.seed, step, (s.first + q) * s.piece)
@@ -161,7 +161,7 @@ class MLPTerms:
     blocks of rows that stay in the CPU's cache; a tree over whole rows would move each level through
     memory. Same shapes for every world size, so the same bits."""
 
-    BLOCK = 32  # rows of the first layer's weight gradient summed at once
+    BLOCK = 64  # rows of the first layer's weight gradient summed at once
 
     def __init__(self, step: ExactStep, device: torch.device):
         self.step = step
@@ -169,31 +169,32 @@ class MLPTerms:
         self.w1t, self.w2t = w1.t(), w2.t()  # views: they follow the optimizer's in-place updates
         root_w1, root_rest = step.root[:w1.numel()].view_as(w1), step.root[w1.numel():]  # rest: b1, w2, b2, loss
         self.rest = buffers_like(root_rest, step.depth)
-        self.rest_views = [(gb1, g2.view_as(w2), gb2, loss) for gb1, g2, gb2, loss in
+        self.rest_views = [(gb1, g2.view_as(w2), gb2, loss.view(())) for gb1, g2, gb2, loss in
                            (row.split([b1.numel(), w2.numel(), b2.numel(), 1]) for row in self.rest)]
+        self.targets = torch.eye(w2.shape[0], device=device) * -step.per_sample  # a row per label: -one-hot / B
         scratch = buffers_like(root_w1[:self.BLOCK], step.depth)[1:]  # shared by the blocks
         self.blocks = [[block, *scratch] for block in root_w1.split(self.BLOCK)]
 
     @torch.no_grad()
-    def sum(self, pieces: list, _step: int) -> list[torch.Tensor]:
+    def sum(self, x: torch.Tensor, y: torch.Tensor, _step: int) -> list[torch.Tensor]:
+        """This rank's pieces' sum into the step's root; returns the pieces' logits."""
         s, w2 = self.step, self.w2t.t()
         (_, b1, _, b2), acts = s.params, []
-        for x, _, onehot in pieces:
-            x = x.flatten(1)
+        for x, target in zip(x.flatten(1).split(s.piece), self.targets.index_select(0, y).split(s.piece)):
             h = torch.addmm(b1, x, self.w1t).relu_()
             z = torch.addmm(b2, h, self.w2t)
             logp = z.log_softmax(1)
-            dz = logp.exp().sub_(onehot).mul_(s.per_sample)         # d(loss)/d(logits)
+            dz = logp.exp().mul_(s.per_sample).add_(target)        # d(loss)/d(logits): (softmax - one-hot) / B
             dh = torch.ops.aten.threshold_backward(dz @ w2, h, 0)  # through the ReLU
-            acts.append((x, h, z, logp.mul_(onehot), dz, dh, dh.t().split(self.BLOCK)))
+            acts.append((x, h, z, logp.mul_(target), dz, dh, dh.t().split(self.BLOCK)))
 
         def rest(q: int, i: int) -> None:
-            _, h, _, logp_y, dz, dh, _ = acts[q]
+            _, h, _, losses, dz, dh, _ = acts[q]  # losses: -log p(label) / B at each label
             gb1, g2, gb2, loss = self.rest_views[i]
             torch.sum(dh, 0, out=gb1)
             torch.mm(dz.t(), h, out=g2)
             torch.sum(dz, 0, out=gb2)
-            loss.copy_(logp_y.sum().mul_(-s.per_sample))
+            torch.sum(losses, (0, 1), out=loss)
         tree_sum(rest, len(acts), self.rest)
         for b, levels in enumerate(self.blocks):
             def w1_block(q: int, i: int) -> None:

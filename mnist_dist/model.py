@@ -15,8 +15,8 @@ def cnn() -> nn.Module:
     """Two 3x3 conv blocks (batch norm, max pooling), then a dense head with dropout: ~0.42M parameters.
 
     Dropout draws from the torch RNG, which every checkpoint saves, so resuming stays exact. Batch norm
-    and dropout depend on the per-rank batch, so 1 and N ranks agree statistically, not bit for bit
-    (the MLP does).
+    and dropout depend on the per-rank batch, so 1 and N ranks agree statistically, not bit for bit;
+    under --exact they do (exact.py normalises per piece and keys the dropout masks to the samples).
     """
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),   # 32 x 14 x 14

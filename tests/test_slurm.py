@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_RUN, ROOT, assert_same_params, job_env, kick_requeued, metrics, summary, wait_for
+from helpers import SMALL_RUN, ROOT, assert_same_params, job_env, kick_requeued, metrics, run_train, summary, wait_for
 
 pytestmark = pytest.mark.slurm
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -167,6 +167,22 @@ def test_submitit_launcher_returns_the_summary(slurm, tiny_data, tmp_path):
     assert result["world_size"] == 2 and result["test_acc"] == summary(run)["test_acc"]
     script = next((tmp_path / "submitit").rglob("*_submission.sh")).read_text()
     assert "srun" in script and "--kill-on-bad-exit=1" in script, "a task that fails ends the step"
+
+
+def test_exact_gives_one_process_bits_under_srun_and_submitit(slurm, tiny_data, tmp_path):
+    """--exact whatever the launcher: 2 srun tasks (sbatch) and 2 submitit tasks end with the fingerprint
+    of one plain process."""
+    flags = ("--exact", "--batch-size", "16", "--epochs", "1", "--seed", "5", "--no-verify-data")
+    one, srun_run, submitit_run = tmp_path / "one", tmp_path / "srun", tmp_path / "submitit-run"
+    res = run_train(1, tiny_data, one, *flags)
+    assert res.returncode == 0, res.stderr
+    res = sbatch(slurm, tmp_path, "--", *flags, DATA_DIR=str(tiny_data), RUN_DIR=str(srun_run))
+    assert res.returncode == 0, res.stderr
+    res = submit(slurm, tmp_path, "--data-dir", str(tiny_data), "--run-dir", str(submitit_run), *flags, extra=("--wait",))
+    assert res.returncode == 0, res.stderr
+    assert summary(srun_run)["world_size"] == summary(submitit_run)["world_size"] == 2
+    assert summary(srun_run)["fingerprint"] == summary(submitit_run)["fingerprint"] == summary(one)["fingerprint"]
+    assert summary(srun_run)["test_loss"] == summary(one)["test_loss"]
 
 
 def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data, tmp_path):
