@@ -32,8 +32,8 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
     deterministic: bool = field(default=True, metadata={"help": "deterministic GPU kernels (cuDNN, cuBLAS), so a resumed run equals an uninterrupted one bit for bit on GPUs too; --no-deterministic trades that for speed (the CPU is deterministic either way)"})
-    exact: bool = field(default=False, metadata={"help": "the same model bit for bit from 1, 2, 4 ... ranks (any divisor of --pieces), at some speed: see exact.py"})
-    pieces: int = field(default=8, metadata={"help": "with --exact: the fixed pieces each global batch is cut into (a power of two dividing --batch-size); the most ranks it serves"})
+    exact: bool = field(default=False, metadata={"help": "the same model bit for bit from any number of ranks that divides --pieces (exact.py)"})
+    pieces: int = field(default=4, metadata={"help": "with --exact: the fixed pieces each global batch is cut into (a power of two dividing --batch-size), so the most ranks it serves; more cost more time per process"})
     cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
     # logging and checkpoints
     log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})

@@ -47,13 +47,10 @@ def check_own_gpus(store: dist.Store, rank: int, world_size: int, device: torch.
                          everywhere=True)
 
 
-def make_deterministic(device: torch.device, on: bool, exact: bool = False) -> None:
+def make_deterministic(device: torch.device, on: bool) -> None:
     """--deterministic: GPU kernels that give the same bits every run (cuDNN's deterministic
     convolutions, no autotuning, a fixed cuBLAS workspace), so a resumed CNN equals an uninterrupted
-    run on GPUs too. CPU kernels here are deterministic already; nothing changes there. --exact: one
-    intra-op thread, since the number of threads changes a CPU kernel's bits (exact.py)."""
-    if exact:
-        torch.set_num_threads(1)
+    run on GPUs too. CPU kernels here are deterministic already; nothing changes there."""
     if device.type != "cuda" or not on:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul

@@ -8,8 +8,8 @@ and the topology). Here every order is fixed by the global batch alone:
 - the global batch of B samples is cut into P pieces of B/P (--pieces, a power of two); rank r of W
   holds the contiguous pieces r*P/W ... (r+1)*P/W - 1 (`data.exact_epoch_indices`);
 - each piece's gradient is computed by itself, by the same kernels on the same shapes whatever W is,
-  with one intra-op thread per process (`devices.make_deterministic`: the thread count changes a CPU
-  kernel's bits);
+  on one intra-op thread (`one_thread`: a matrix product's or a reduction's bits may depend on how many
+  threads share it; an elementwise kernel's never do, so the additions and Adam keep the process's);
 - the pieces' gradients are summed along one binary tree over the P pieces. A rank's pieces are a
   whole subtree, so it sums them itself and sends that one partial sum; the W partial sums are
   gathered (bytes moved, by all_gather or the shared-memory block: never an addition inside a
@@ -25,7 +25,8 @@ other models go through autograd, one piece at a time.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,8 @@ class ExactStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: this rank's pieces of global step `step` (0-based), in order. Returns the global batch's
         mean loss (a 0-dim tensor) and this rank's logits; sets every parameter's .grad."""
-        logits = self.terms.sum(x, y, step)
+        with one_thread():
+            logits = self.terms.sum(x, y, step)
         if self.gather:
             progress.entering("the gather of --exact's partial sums")
             level = self.gather(self.root)
@@ -91,6 +93,19 @@ class ExactStep:
         grads = [part.view_as(p) for part, p in zip(parts, self.params)]
         stats = parts[len(self.params) + 1:]
         return grads, parts[len(self.params)], list(zip(stats[0::2], stats[1::2]))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The block on one intra-op thread (setting the count costs well under a microsecond): what --exact
+    computes there has the same bits in a process of any thread count (torchrun's ranks have 1, a plain
+    python process one per core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tree_sum(term: Callable[[int, int], None], n: int, levels: list[torch.Tensor]) -> None:

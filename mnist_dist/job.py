@@ -38,7 +38,7 @@ class Job:
         ranks = Ranks(env, self.device)
         ranks.check(check_flags, cfg, ranks.from_main(cfg.to_dict), env)
         self.lock = ranks.check(run_dir.claim, cfg, env, on="main")
-        devices.make_deterministic(self.device, cfg.deterministic, cfg.exact)
+        devices.make_deterministic(self.device, cfg.deterministic)
         return ranks
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -23,8 +24,8 @@ from .config import Config, parse_config
 from .ddp import wrap_ddp
 from .distributed import DistEnv, Ranks
 from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_process, print_error
-from .evaluate import evaluate
-from .exact import ExactStep
+from .evaluate import Evaluation, evaluate
+from .exact import ExactStep, one_thread
 from .job import Job
 from .model import build, check_fits
 from .profiling import StepProfiler
@@ -211,7 +212,7 @@ class Trainer:
         self.train_seconds += self.epoch_seconds
         progress.enter("evaluation")
         t_eval = time.perf_counter()
-        self.last_eval = evaluate(self.model, *self.test) if self.env.is_main else None
+        self.last_eval = self.evaluate() if self.env.is_main else None
         eval_seconds = time.perf_counter() - t_eval
         _, test_acc = self.shared_eval()
         progress.enter("epoch end")
@@ -226,6 +227,12 @@ class Trainer:
         self.tracker.say(self.epoch_line(tally, test_acc))
         if self.ranks.sum([float(self.stop.signum)], "the stop flags")[0] > 0 and s.epoch < self.cfg.epochs:
             raise Preempted(self.stop.signum, s.step, str(path))
+
+    def evaluate(self) -> Evaluation:
+        """Rank 0's evaluation of the unwrapped model; under --exact on one thread, so that the test loss
+        has the same bits whatever the launcher's thread count."""
+        with one_thread() if self.exact else contextlib.nullcontext():
+            return evaluate(self.model, *self.test)
 
     def shared_eval(self) -> list[float]:
         """Rank 0's test loss and accuracy on every rank (the others wait here while rank 0 evaluates)."""
@@ -243,7 +250,7 @@ class Trainer:
     def summary(self) -> dict:
         progress.enter("evaluation")
         if self.last_eval is None and self.env.is_main:  # resumed a finished run: evaluate what it saved
-            self.last_eval = evaluate(self.model, *self.test)
+            self.last_eval = self.evaluate()
         test_loss, test_acc = self.shared_eval()
         ev, cfg = self.last_eval, self.cfg
         return {

@@ -14,8 +14,8 @@ import torch
 from helpers import ROOT, STARTED, children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from mnist_dist.errors import EXIT_USAGE
 
-FLAGS = {"mlp": ("--exact", "--batch-size", "16", "--epochs", "2", "--log-every", "10", "--seed", "5"),
-         "cnn": ("--exact", "--model", "cnn", "--batch-size", "16", "--epochs", "1", "--log-every", "10", "--seed", "5")}
+FLAGS = {"mlp": ("--exact", "--pieces", "8", "--batch-size", "16", "--epochs", "2", "--log-every", "10", "--seed", "5"),
+         "cnn": ("--exact", "--pieces", "8", "--model", "cnn", "--batch-size", "16", "--epochs", "1", "--log-every", "10", "--seed", "5")}
 # world size -> --cpu-allreduce: both transports, each against the one-process run
 SIZES = {1: "auto", 2: "gloo", 4: "shm", 8: "auto"}
 TIMING = ("samples_per_s", "elapsed_s", "epoch_train_s", "eval_s")
@@ -186,7 +186,7 @@ def exact_step(model_name: str, world_size: int = 1, rank: int = 0, device: str 
 
     torch.manual_seed(0)
     net = models.build(model_name).to(device)
-    config = Config(exact=True, model=model_name, batch_size=16, **cfg)
+    config = Config(exact=True, model=model_name, batch_size=16, pieces=8, **cfg)
     return net, ExactStep(net, config, DistEnv(rank, rank, world_size, "127.0.0.1", 0), torch.device(device))
 
 
@@ -269,6 +269,7 @@ def test_every_world_size_trains_the_same_global_batches_in_the_same_order(world
 
 @pytest.mark.parametrize("flags, message", [
     ({"pieces": 6}, "--pieces must be a power of two that divides --batch-size 64, got 6"),
+    ({"pieces": 0}, "--pieces must be positive, got 0"),
     ({"pieces": 128}, "--pieces must be a power of two that divides --batch-size 64, got 128"),
     ({"deterministic": False}, "--exact needs deterministic kernels"),
 ])
@@ -279,7 +280,9 @@ def test_pieces_that_cannot_work_are_refused(flags, message):
     with pytest.raises(UsageError, match=message):
         Config(exact=True, **flags).validate(1)
     with pytest.raises(UsageError, match="which 6 ranks cannot share evenly: start 1, 2, 4 or 8 ranks"):
-        Config(exact=True).validate(6)
+        Config(exact=True, pieces=8).validate(6)
+    with pytest.raises(UsageError, match="4 pieces, which 8 ranks cannot share evenly: start 1, 2 or 4 ranks"):
+        Config(exact=True).validate(8)  # the default
     Config(exact=True, pieces=4, batch_size=12).validate(4)
 
 

@@ -172,7 +172,7 @@ def test_submitit_launcher_returns_the_summary(slurm, tiny_data, tmp_path):
 def test_exact_gives_one_process_bits_under_srun_and_submitit(slurm, tiny_data, tmp_path):
     """--exact whatever the launcher: 2 srun tasks (sbatch) and 2 submitit tasks end with the fingerprint
     of one plain process."""
-    flags = ("--exact", "--batch-size", "16", "--epochs", "1", "--seed", "5", "--no-verify-data")
+    flags = ("--exact", "--batch-size", "16", "--epochs", "1", "--seed", "5", "--no-verify-data")  # 4 pieces
     one, srun_run, submitit_run = tmp_path / "one", tmp_path / "srun", tmp_path / "submitit-run"
     res = run_train(1, tiny_data, one, *flags)
     assert res.returncode == 0, res.stderr
