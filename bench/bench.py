@@ -2,7 +2,8 @@
 
     python bench/bench.py --data-dir ../shared/data [--conventional-epochs 1] [--repeats 3]
     python bench/bench.py --device cuda --nprocs 1      # both pipelines on the GPU (one rank per GPU)
-    python bench/bench.py --exact-models mlp,cnn         # also one epoch of the CNN, default vs --exact
+    python bench/bench.py --exact-models mlp,mlp8,cnn    # also one epoch of the CNN, default vs --exact
+    python bench/bench.py --exact-only                   # the --exact lines alone
 
 Prints a Markdown table (the README's). Both pipelines run on --device (default: the CPU, with GPUs
 hidden, so that a GPU machine does not compare a GPU run against a CPU one).
@@ -59,20 +60,27 @@ def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV,
             "to97_s": to97, "rss_mb": s["peak_rss_mb"], "fingerprint": s["fingerprint"]}
 
 
-def exact_vs_default(nprocs: list[int], models: list[str], repeats: int, data_dir: str, tmp: Path, device: str) -> list[str]:
-    """The table's lines: per model and world size, the default mode's and --exact's best epoch (runs
-    alternate), the ratio, both test accuracies and --exact's fingerprint (the same on every line of a model)."""
+EXACT_CASES = {  # --exact-models name: (label, flags)
+    "mlp": ("mlp", ()), "mlp8": ("mlp, --pieces 8", ("--pieces", "8")),
+    "cnn": ("cnn, 1 epoch", ("--model", "cnn", "--epochs", "1")),
+}
+
+
+def exact_vs_default(nprocs: list[int], cases: list[str], repeats: int, data_dir: str, tmp: Path, device: str) -> list[str]:
+    """The table's lines: per case and world size, the default mode's and --exact's best epoch (runs
+    alternate), the ratio, both test accuracies and --exact's fingerprint (the same on every line of a case)."""
     lines = ["| model | ranks | default epoch | --exact epoch | ratio | test acc default / --exact | --exact fingerprint |",
              "|---|---|---|---|---|---|---|"]
-    for model in models:
-        flags = ("--model", "cnn", "--epochs", "1") if model == "cnn" else ()
+    for case in cases:
+        label, flags = EXACT_CASES[case]
+        model_flags = tuple(f for f in flags if f not in ("--pieces", "8"))
         for nproc in nprocs:
             default, exact = [], []
-            for _ in range(repeats if model == "mlp" else 1):  # a CNN epoch takes a minute on a CPU
-                default.append(ours(nproc, data_dir, tmp / "default", device, flags=flags))
+            for _ in range(1 if "cnn" in case else repeats):  # a CNN epoch takes a minute on a CPU
+                default.append(ours(nproc, data_dir, tmp / "default", device, flags=model_flags))
                 exact.append(ours(nproc, data_dir, tmp / "exact", device, flags=(*flags, "--exact")))
             d, e = (min(r["epoch_s"] for r in runs) for runs in (default, exact))
-            lines.append(f"| {model} | {nproc} | {d:.3f} s | {e:.3f} s | {e / d:.2f}x | {default[0]['test_acc']:.2%} / "
+            lines.append(f"| {label} | {nproc} | {d:.3f} s | {e:.3f} s | {e / d:.2f}x | {default[0]['test_acc']:.2%} / "
                          f"{exact[0]['test_acc']:.2%} | {exact[0]['fingerprint']} |")
     return lines
 
@@ -120,24 +128,32 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines run")
     p.add_argument("--nprocs", default="1,2", help="world sizes to time (on GPUs: at most the GPUs)")
-    p.add_argument("--exact-models", default="mlp", help="models to time with and without --exact (mlp, cnn; '' for none)")
+    p.add_argument("--exact-models", default="mlp,mlp8", help="what to time with and without --exact: mlp, mlp8 (--pieces 8), cnn ('' for none)")
+    p.add_argument("--exact-only", action="store_true", help="only the --exact lines, not the comparison with the conventional pipeline")
     args = p.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        rows = []
-        for nproc in map(int, args.nprocs.split(",")):
-            runs, convs = [], []
-            for _ in range(args.repeats):
-                runs.append(ours(nproc, args.data_dir, tmp / f"ours{nproc}", args.device))
-                convs.append(conventional(nproc, args.data_dir, args.conventional_epochs, args.device))
-            rows.append((nproc, runs, convs))
-        default_env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
-        with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", args.device, env=default_env) for i in range(args.repeats)]
-        save_ms, load_ms = checkpoint_ms(tmp / "ours1")
-        stop_s = signal_to_exit_s(args.data_dir, tmp / "stop", args.device)
+        if not args.exact_only:
+            versus_conventional(args, Path(tmp))
         exact = exact_vs_default([int(n) for n in args.nprocs.split(",")], [m for m in args.exact_models.split(",") if m],
-                                 args.repeats, args.data_dir, tmp, args.device)
+                                 args.repeats, args.data_dir, Path(tmp), args.device)
+    print("\n" + "\n".join(exact))
+    print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")
+
+
+def versus_conventional(args: argparse.Namespace, tmp: Path) -> None:
+    """Both pipelines, alternating; then the W&B, checkpoint and stop-signal figures. Prints the table."""
+    rows = []
+    for nproc in map(int, args.nprocs.split(",")):
+        runs, convs = [], []
+        for _ in range(args.repeats):
+            runs.append(ours(nproc, args.data_dir, tmp / f"ours{nproc}", args.device))
+            convs.append(conventional(nproc, args.data_dir, args.conventional_epochs, args.device))
+        rows.append((nproc, runs, convs))
+    default_env = {k: v for k, v in ENV.items() if k != "WANDB_MODE"}
+    with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", args.device, env=default_env) for i in range(args.repeats)]
+    save_ms, load_ms = checkpoint_ms(tmp / "ours1")
+    stop_s = signal_to_exit_s(args.data_dir, tmp / "stop", args.device)
     print("| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% | test acc | peak RSS/rank |")
     print("|---|---|---|---|---|---|---|---|")
     best = []
@@ -167,8 +183,6 @@ def main() -> None:
           f"test acc {with_wandb[0]['test_acc']:.2%}")
     print(f"checkpoint save (fsync included) {save_ms:.1f} ms, load {load_ms:.1f} ms; "
           f"SIGTERM to exit (checkpoint included) {stop_s:.2f} s")
-    print("\n" + "\n".join(exact))
-    print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
