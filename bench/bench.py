@@ -60,9 +60,9 @@ def ours(nproc: int, data_dir: str, run_dir: Path, device: str, env: dict = ENV,
             "to97_s": to97, "rss_mb": s["peak_rss_mb"], "fingerprint": s["fingerprint"]}
 
 
-EXACT_CASES = {  # --exact-models name: (label, flags)
-    "mlp": ("mlp", ()), "mlp8": ("mlp, --pieces 8", ("--pieces", "8")),
-    "cnn": ("cnn, 1 epoch", ("--model", "cnn", "--epochs", "1")),
+EXACT_CASES = {  # --exact-models name: (label, flags of both modes, flags of --exact's runs besides --exact)
+    "mlp": ("mlp", (), ()), "mlp8": ("mlp, --pieces 8", (), ("--pieces", "8")),
+    "cnn": ("cnn, 1 epoch", ("--model", "cnn", "--epochs", "1"), ()),
 }
 
 
@@ -72,13 +72,12 @@ def exact_vs_default(nprocs: list[int], cases: list[str], repeats: int, data_dir
     lines = ["| model | ranks | default epoch | --exact epoch | ratio | test acc default / --exact | --exact fingerprint |",
              "|---|---|---|---|---|---|---|"]
     for case in cases:
-        label, flags = EXACT_CASES[case]
-        model_flags = tuple(f for f in flags if f not in ("--pieces", "8"))
+        label, flags, exact_flags = EXACT_CASES[case]
         for nproc in nprocs:
             default, exact = [], []
             for _ in range(1 if "cnn" in case else repeats):  # a CNN epoch takes a minute on a CPU
-                default.append(ours(nproc, data_dir, tmp / "default", device, flags=model_flags))
-                exact.append(ours(nproc, data_dir, tmp / "exact", device, flags=(*flags, "--exact")))
+                default.append(ours(nproc, data_dir, tmp / "default", device, flags=flags))
+                exact.append(ours(nproc, data_dir, tmp / "exact", device, flags=(*flags, "--exact", *exact_flags)))
             d, e = (min(r["epoch_s"] for r in runs) for runs in (default, exact))
             lines.append(f"| {label} | {nproc} | {d:.3f} s | {e:.3f} s | {e / d:.2f}x | {default[0]['test_acc']:.2%} / "
                          f"{exact[0]['test_acc']:.2%} | {exact[0]['fingerprint']} |")

@@ -23,10 +23,10 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cpu_all
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         return ddp, "gradients averaged by nccl all_reduce"
-    if all(p.dtype == torch.float32 for p in model.parameters()):
-        shared = host_allreduce.wanted(cpu_allreduce, env.rank, env.world_size,
-                                       sum(p.numel() for p in model.parameters()), device)
-        if shared:
-            ddp.register_comm_hook(None, shared.hook)
-            return ddp, "gradients averaged through shared memory (all ranks on this host)"
+    params = list(model.parameters())
+    shared = host_allreduce.wanted(cpu_allreduce, env.rank, env.world_size, sum(p.numel() for p in params), device,
+                                   float32=all(p.dtype == torch.float32 for p in params))
+    if shared:
+        ddp.register_comm_hook(None, shared.hook)
+        return ddp, "gradients averaged through shared memory (all ranks on this host)"
     return ddp, "gradients averaged by gloo all_reduce"

@@ -117,12 +117,14 @@ def attach(rank: int, world_size: int, numel: int, timeout_s: float = 600) -> Ho
     return shared
 
 
-def wanted(cpu_allreduce: str, rank: int, world_size: int, numel: int, device: torch.device) -> HostAllReduce | None:
-    """The shared block for CPU ranks on one host unless told to use gloo; None for the process group.
-    --cpu-allreduce shm that the ranks cannot serve is refused (on every rank: each got the same answer)."""
-    if device.type != "cpu" or world_size == 1:
+def wanted(cpu_allreduce: str, rank: int, world_size: int, numel: int, device: torch.device,
+           float32: bool = True) -> HostAllReduce | None:
+    """The shared block for CPU ranks on one host unless told to use gloo; None for the process group
+    (also for values other than float32, which the block cannot carry). --cpu-allreduce shm that the
+    ranks cannot serve is refused (on every rank: each got the same answer)."""
+    if device.type != "cpu":
         return None
-    shared = attach(rank, world_size, numel) if cpu_allreduce != "gloo" else None
+    shared = attach(rank, world_size, numel) if cpu_allreduce != "gloo" and float32 else None
     if shared is None and cpu_allreduce == "shm":
         raise UsageError("--cpu-allreduce shm: the ranks cannot share memory (they must all run on one x86 "
                          "host with /dev/shm); use --cpu-allreduce auto or gloo", everywhere=True)
