@@ -7,12 +7,16 @@ same values are derived; a plain `python -m mnist_dist.train` is world size 1 on
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import gc
 import io
 import os
 import re
 import socket
+import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -21,7 +25,7 @@ import torch.distributed as dist
 
 from . import postmortem, progress
 from .devices import check_own_gpus
-from .errors import UsageError
+from .errors import StartFailed, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,11 @@ class DistEnv:
 
     @property
     def store_prefix(self) -> str:
-        """Each torchrun restart round gets its own key space in the store: after a worker died, the
-        restarted group must not read the dead group's keys (gloo would try its addresses)."""
-        return f"mnist-dist/attempt-{self.restart}"
+        """Each torchrun round gets its own key space in the store: after a worker died, the restarted
+        group must not read the dead group's keys (gloo would try its addresses). A node that joins
+        starts a round without counting a restart, but it always adds ranks: within one restart count
+        the world size only grows, so the two together name the round."""
+        return f"mnist-dist/attempt-{self.restart}-world-{self.world_size}"
 
 
 def first_host(nodelist: str) -> str:
@@ -88,21 +94,106 @@ def free_port() -> int:
 STARTUP_TIMEOUT_S = 600  # rendezvous, download and W&B start-up: the limit before the first step
 
 
-def init(env: DistEnv, device: torch.device, hang_timeout_s: float = 0) -> None:
-    """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path.
-
-    The collectives' own timeout (NCCL's watchdog aborts at it) is the start-up limit, or longer than
+def startup_timeout(hang_timeout_s: float) -> datetime.timedelta:
+    """The collectives' own timeout (NCCL's watchdog aborts at it): the start-up limit, or longer than
     --hang-timeout, so that the hang watchdog, which names the stuck rank, always speaks first."""
+    return datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, hang_timeout_s + 60))
+
+
+def connect(env: DistEnv, hang_timeout_s: float = 0) -> dist.Store:
+    """The job's rendezvous store (served by rank 0, or by torchrun's agent). Rank 0 does not wait here
+    for the others: the watchdog, which starts next, bounds that wait."""
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=startup_timeout(hang_timeout_s),
+                         is_master=env.rank == 0 and not env.agent_store, wait_for_workers=False)
+
+
+def init(env: DistEnv, store: dist.Store, device: torch.device, hang_timeout_s: float = 0) -> None:
+    """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path. Across
+    hosts the sockets use the interface that reaches the other hosts (`choose_interface`). A failure
+    here is a StartFailed, one line; the watchdog tells the other ranks."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     postmortem.record_collectives(backend)
-    timeout = datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, hang_timeout_s + 60))
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=timeout,
-                          is_master=env.rank == 0 and not env.agent_store)
-    store = dist.PrefixStore(env.store_prefix, store)
+    store = dist.PrefixStore(env.store_prefix, store)  # this restart round's key space
+    choose_interface(store, env)
     if device.type == "cuda":
         check_own_gpus(store, env.rank, env.world_size, device)
-    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    try:
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=startup_timeout(hang_timeout_s), device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, OSError) as err:  # gloo's and NCCL's connection errors (DistError is a RuntimeError)
+        raise StartFailed(start_failure(err, env)) from None
+
+
+SOCKET_IFNAMES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def choose_interface(store: dist.Store, env: DistEnv, environ: dict = os.environ) -> str | None:
+    """Across hosts, point gloo's and NCCL's sockets at the interface that routes to the other hosts,
+    where the user has not chosen one. Left alone, both take the address the host's own name resolves
+    to, which on Debian and Ubuntu is 127.0.1.1 (/etc/hosts): the other hosts cannot reach it. Every rank
+    posts its host and addresses in the store; returns the interface chosen here, if any."""
+    if env.world_size == 1 or all(name in environ for name in SOCKET_IFNAMES):
+        return None
+    mine = interface_addresses()
+    store.set(f"host/{env.rank}", f"{host_identity()} " + ",".join(mine.values()))
+    others = store.multi_get([f"host/{r}" for r in range(env.world_size)])
+    remote = [addrs for ident, _, addrs in (raw.decode().partition(" ") for raw in others)
+              if ident != host_identity()]
+    if not remote:
+        return None  # every rank on this host: loopback is right
+    for addr in [a for addrs in remote for a in addrs.split(",") if a]:
+        local = route_source(addr)
+        name = next((n for n, a in mine.items() if a == local), None)
+        if name:
+            for var in SOCKET_IFNAMES:
+                environ.setdefault(var, name)
+            return name
+    return None
+
+
+def interface_addresses() -> dict[str, str]:
+    """This host's interfaces that have an IPv4 address and are not loopback: name -> address."""
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):  # no IPv4 address on it
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+                addr = socket.inet_ntoa(raw[20:24])
+                if not addr.startswith("127."):
+                    found[name] = addr
+    return found
+
+
+def route_source(addr: str) -> str | None:
+    """The local address this host would send from to reach `addr` (a route lookup; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((addr, 9))
+        except OSError:
+            return None
+        return s.getsockname()[0]
+
+
+def host_identity() -> str:
+    """Which machine (and PID namespace) this process runs on: the kernel's boot id and the PID
+    namespace. Unlike the hostname, two hosts never share it, so a pid is only taken to be one of ours
+    when the identities match."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def start_failure(err: Exception, env: DistEnv) -> str:
+    """One line for a process group that could not form, with the fix where the cause is known."""
+    text = " ".join(str(err).split())
+    where = f"rank {env.rank} on {socket.gethostname()} could not join the process group"
+    loopback = re.search(r"\b(127\.\d+\.\d+\.\d+)\b", text)
+    if loopback and env.world_size > 1:
+        chosen = " ".join(f"{v}={os.environ[v]}" for v in SOCKET_IFNAMES if v in os.environ) or "neither set"
+        return (f"{where}: it was offered the loopback address {loopback.group(1)}, which no other host can reach (a "
+                f"host name that resolves to it in /etc/hosts, or an interface set to lo); set GLOO_SOCKET_IFNAME and "
+                f"NCCL_SOCKET_IFNAME on every node to the interface that reaches the other hosts (here: {chosen})")
+    return f"{where}: {first_line(err)}"
 
 
 def shutdown(clean: bool) -> None:
@@ -126,8 +217,10 @@ class Ranks:
     every method (each holds a collective), also where `fn` runs on some ranks only. Host-device sync
     points, all of them."""
 
-    def __init__(self, env: DistEnv, device: torch.device):
+    def __init__(self, env: DistEnv, device: torch.device, store: dist.Store | None = None):
         self.env, self.device = env, device
+        # notes that outlive a torchrun restart round (its agent serves the store through them all)
+        self.notes = dist.PrefixStore("mnist-dist/notes", store) if store is not None else None
 
     def check(self, fn: Callable[..., Any], *args: Any, on: Where = "all", **kwargs: Any) -> Any:
         """fn(*args, **kwargs) on the ranks `on` names. If it raises a UsageError on any rank, every rank raises
@@ -150,6 +243,29 @@ class Ranks:
     def from_main(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on rank 0 (a check, as above), and its result on every rank."""
         return self.broadcast(self.check(fn, *args, on="main"), src=0, what=f"rank 0's {getattr(fn, '__name__', 'result')}")
+
+    def from_newest(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on each node's first rank (a check, as above) returns a checkpoint or None; the one with
+        the most steps (the lowest rank's among equals) is sent to every rank. Node-local run dirs differ
+        once a node was lost and rank 0 moved: the newest checkpoint any node holds is the resume point."""
+        found = self.check(fn, *args, on="local_main")
+        W = self.env.world_size
+        score = (found["step"] + 1) * W + (W - 1 - self.env.rank) if found is not None else -1
+        best = int(self._reduce([float(score)], dist.ReduceOp.MAX, f"the newest {getattr(fn, '__name__', 'result')}")[0])
+        if best < 0:
+            return None
+        src = W - 1 - best % W
+        return self.broadcast(found if self.env.rank == src else None, src=src, what="the newest checkpoint")
+
+    def remember(self, key: str, value: str) -> None:
+        if self.notes is not None:
+            call_in_time(5, lambda: self.notes.set(key, value))
+
+    def recall(self, key: str) -> str | None:
+        """A note an earlier round of this job left in the store, if any (never waits for one)."""
+        if self.notes is None:
+            return None
+        return call_in_time(5, lambda: self.notes.check([key]) and self.notes.get(key).decode())
 
     def sum(self, values: list[float], what: str = "a sum over the ranks") -> list[float]:
         """A few numbers summed over all ranks; `what` they are names the collective in post-mortems."""
@@ -183,3 +299,19 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op)
         return t.tolist()
+
+
+def call_in_time(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn() (a store call) in a thread of its own, waiting at most `seconds`: its result, or None (also
+    when it raised). The store may not answer: a node cut off, the process serving it gone."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception:  # a store that is gone: the same as no answer
+            result.append(None)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None

@@ -79,6 +79,10 @@ class Preempted(JobError):
         self.signum = signum
 
 
+class StartFailed(JobError):
+    """The process group could not form: a peer unreachable or refusing, an address no other host can reach."""
+
+
 class PeerStopped(JobError):
     """This rank stops because another rank failed or vanished; its exit code is the failed rank's."""
 

@@ -32,10 +32,12 @@ class Job:
         """Join the process group, start the watchdog and the tracker, check every rank's flags against
         rank 0's, claim the run dir."""
         cfg, env = self.cfg, self.env
-        distributed.init(env, self.device, cfg.hang_timeout)
-        self.watch = Watchdog(env, cfg.hang_timeout, cfg.run_dir)
+        store = distributed.connect(env, cfg.hang_timeout)
+        self.watch = Watchdog(env, cfg.hang_timeout, cfg.run_dir)  # from here on, a failure reaches every rank
+        distributed.init(env, store, self.device, cfg.hang_timeout)
+        self.watch.formed()
         self.tracker = make_tracker(env.is_main, cfg)
-        ranks = Ranks(env, self.device)
+        ranks = Ranks(env, self.device, store)
         ranks.check(check_flags, cfg, ranks.from_main(cfg.to_dict), env)
         self.lock = ranks.check(run_dir.claim, cfg, env, on="main")
         devices.make_deterministic(self.device, cfg.deterministic)
@@ -45,7 +47,7 @@ class Job:
     def running(self) -> Iterator["Job"]:
         """The failure policy, for every error that leaves training:
         - raised by every rank at the same point (a failed check, a NaN loss, a stop signal: decided in a
-          collective): rank 0 says it, and every rank waits until it is said (a launcher kills the
+          collective): each node's first rank says it, and every rank waits until it is said (a launcher kills the
           others as soon as one exits);
         - raised on this rank alone: posted for the others, whose watchdogs stop them at once; unless it
           only echoes another rank's failure or a lost peer, and then it becomes PeerStopped.
@@ -63,7 +65,7 @@ class Job:
     def settle(self, err: Exception) -> PeerStopped | None:
         """Say `err` and tell the others; returns the error to raise instead of it, if any."""
         if isinstance(err, JobError) and err.everywhere:
-            if self.env.is_main:
+            if self.env.is_local_main:  # one line in each node's log
                 say(err)
             if self.watch:
                 self.watch.stop()  # the wait below is no hang

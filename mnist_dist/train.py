@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import resource
+import socket
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .checkpoint import Checkpointer, EpochTally, TrainState
 from .config import Config, parse_config
 from .ddp import wrap_ddp
 from .distributed import DistEnv, Ranks
-from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_process, print_error
+from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_process, print_error, warn
 from .evaluate import Evaluation, evaluate
 from .exact import ExactStep, one_thread
 from .job import Job
@@ -55,7 +56,8 @@ class Trainer:
         # rank 0 reads the checkpoint and every rank takes the state from it, so all resume at one step
         progress.enter("data load")
         ranks.check(data.fetch, cfg.data_dir, cfg.download, cfg.verify_data, on="local_main")
-        ckpt = ranks.from_main(checkpoint.resume_point, cfg)
+        ckpt = ranks.from_newest(checkpoint.resume_point, cfg)
+        self.warn_if_progress_lost(ckpt["step"] if ckpt else 0)
         self.state = TrainState.from_checkpoint(ckpt) if ckpt else TrainState()
         # rank 0's W&B process starts the run (the id is in the checkpoint) while this one loads the data
         self.state.wandb_run_id = tracker.start(cfg, self.state.metrics, self.state.wandb_run_id)
@@ -108,6 +110,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build(cfg.model, cfg.hidden).to(self.device)
         return model, optim.make_adam(model, cfg.lr)
+
+    def warn_if_progress_lost(self, resumed: int) -> None:
+        """A torchrun restart round whose nodes hold no checkpoint as new as one an earlier round saved: the
+        node that holds it is no longer in the job (node-local run dirs). Say so, and go on from what is here."""
+        saved = self.ranks.recall("saved") if self.env.restart > 0 else None
+        step, _, host = (saved or "0 ").partition(" ")
+        if int(step) > resumed and self.env.is_main:
+            warn(f"this job saved a checkpoint at step {step} on {host}, which is no longer in the job; no node here "
+                 f"holds one that new (node-local run dirs): training goes on from step {resumed}")
 
     def start_from(self, ckpt: dict | None) -> None:
         """Restore the checkpoint to resume from, or start afresh."""
@@ -201,6 +212,8 @@ class Trainer:
         progress.enter("checkpoint write")
         path = self.ckpt.save(lambda: checkpoint.snapshot(self.state, self.model, self.opt, self.cfg,
                                                           self.env.world_size, self.device), is_best)
+        if self.env.is_main:
+            self.ranks.remember("saved", f"{self.state.step} {socket.gethostname()}")
         progress.enter(phase)
         return path
 
@@ -270,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     env = distributed.read_env()
     try:
         cfg = parse_config(argv)
-    except UsageError as err:  # every rank parsed the same flags: rank 0 says what is wrong
-        if env.is_main:
+    except UsageError as err:  # every rank parsed the same flags: each node's first rank says what is wrong
+        if env.is_local_main:
             print_error(err)
         return err.exit_code
     try:

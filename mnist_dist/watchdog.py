@@ -28,12 +28,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch.distributed as dist
 
 from . import postmortem, progress
-from .distributed import DistEnv
+from .distributed import DistEnv, call_in_time, host_identity, startup_timeout
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
 STORE_LOST_S = 10.0  # the store refusing us this long: the process that served it has gone
@@ -47,16 +46,18 @@ class Heartbeat:
     count: int     # goes up while the process runs
     progress: int  # progress.units
     step: int
-    host: str
+    host: str      # the hostname, for people
     pid: int
+    ident: str     # distributed.host_identity(): which machine and PID namespace the pid belongs to
+    started: int   # the process's start time (clock ticks after boot): the pid is still this process
 
     def encode(self) -> str:
-        return f"{self.count} {self.progress} {self.step} {self.host} {self.pid}"
+        return f"{self.count} {self.progress} {self.step} {self.host} {self.pid} {self.ident} {self.started}"
 
     @classmethod
     def decode(cls, raw: bytes) -> "Heartbeat":
-        count, units, step, host, pid = raw.decode().split()
-        return cls(int(count), int(units), int(step), host, int(pid))
+        count, units, step, host, pid, ident, started = raw.decode().split()
+        return cls(int(count), int(units), int(step), host, int(pid), ident, int(started))
 
 
 @dataclass
@@ -92,10 +93,11 @@ class Failure:
 class Watchdog:
     def __init__(self, env: DistEnv, hang_timeout: float, run_dir: str | os.PathLike = "."):
         self.rank, self.world_size, self.timeout = env.rank, env.world_size, hang_timeout
+        self.agent_store = env.agent_store  # torchrun's agent serves the store (c10d rendezvous)
         self.run_dir = Path(run_dir)
         self.interval = min(1.0, hang_timeout / 10) if hang_timeout else 1.0
         self.store_at = f"{env.master_addr}:{env.master_port}"
-        self.host = socket.gethostname()
+        self.host, self.ident, self.started = socket.gethostname(), host_identity(), process_start(os.getpid())
         # a connection of its own: a blocked read here never holds up the process group's
         client = dist.TCPStore(env.master_addr, env.master_port, is_master=False, wait_for_workers=False,
                                timeout=datetime.timedelta(seconds=30))
@@ -108,6 +110,9 @@ class Watchdog:
         self.failing_since: float | None = None
         self.failure: Failure | None = None  # posted by a rank that failed
         self.hang_declared = False           # by another rank: follow it at once
+        self.forming_since: float | None = now  # until the process group has formed (`formed`)
+        self.startup_limit = startup_timeout(hang_timeout).total_seconds()
+        self.seen: set[int] = set()          # the ranks whose heartbeat has arrived at least once
         self.done = threading.Event()
         for target in (self.publish, self.judge):
             threading.Thread(target=target, daemon=True, name=f"watchdog-{target.__name__}").start()
@@ -115,15 +120,19 @@ class Watchdog:
     def stop(self) -> None:
         self.done.set()
 
+    def formed(self) -> None:
+        """The process group has formed: from now on the start-up limit is the collectives' business."""
+        self.forming_since = None
+
     def failed_elsewhere(self) -> PeerStopped | None:
         """Another rank's failure, if one was posted (asks the store, waiting at most 2 s for it)."""
-        posted = call_with_timeout(2, lambda: self.store.check(["abort"]) and self.store.get("abort").decode())
+        posted = call_in_time(2, lambda: self.store.check(["abort"]) and self.store.get("abort").decode())
         failure = Failure.decode(posted) if posted else self.failure
         return failure.stops(self.rank) if failure and failure.rank != self.rank else None
 
     def abort(self, failure: Failure) -> None:
         """Tell the other ranks that this one failed, so they stop now (waits at most 2 s for the store)."""
-        call_with_timeout(2, lambda: self.store.set("abort", failure.encode()))
+        call_in_time(2, lambda: self.store.set("abort", failure.encode()))
 
     # --- the publisher: each interval, one round of talk with the store ------------------------------
     def publish(self) -> None:
@@ -133,7 +142,9 @@ class Watchdog:
             count += 1
             try:
                 self.store.set(keys[self.rank], Heartbeat(count, progress.units, progress.step, self.host,
-                                                          os.getpid()).encode())
+                                                          os.getpid(), self.ident, self.started).encode())
+                if len(self.seen) < self.world_size:
+                    self.seen.update(r for r in range(self.world_size) if r in self.seen or self.store.check([keys[r]]))
                 self.hang_declared = self.hang_declared or self.store.check(["hang"])
                 if self.store.check(["abort"]):
                     self.failure = Failure.decode(self.store.get("abort").decode())
@@ -165,6 +176,12 @@ class Watchdog:
             if self.failing_since and now - self.failing_since > STORE_LOST_S:
                 self.exit(EXIT_ERROR, f"rank {self.rank} lost the job's rendezvous store at {self.store_at}: the "
                                       f"process that served it (rank 0, or torchrun's agent) has gone")
+            if self.forming_since is not None and now - self.forming_since > self.startup_limit:
+                missing = sorted(set(range(self.world_size)) - self.seen)
+                self.exit(EXIT_ERROR, f"rank {self.rank}: the process group did not form within "
+                                      f"{self.startup_limit:.0f} s: " + (f"rank(s) {missing} never reached the store at "
+                                      f"{self.store_at}" if missing else "every rank reached the store, but they could "
+                                      "not connect to each other (blocked ports? GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)"))
             if progress.units != self.local:  # this rank moves, even if the store cannot tell us so now
                 self.local, self.moved_at = progress.units, now
             # a rank past step 1 means every rank took part in step 1 (its gradients were averaged)
@@ -175,13 +192,13 @@ class Watchdog:
 
     def hung(self, now: float) -> None:
         stale_after = max(3 * self.interval, self.timeout / 2)
-        step = max(p.last.step for p in self.peers.values())
+        step = progress.step  # the ranks move in lockstep: every rank waits after the same step
         store_lost = now - self.heard_at > stale_after
         stopped = [r for r, p in sorted(self.peers.items()) if now - p.alive_at > stale_after]  # heartbeat stale
         culprits, stopped_here = [0], {}
         if store_lost:
-            who = (f"the rendezvous store at {self.store_at}, which stopped answering (it is served by rank 0's "
-                   f"process, or by torchrun's agent)")
+            who = (f"the rendezvous store at {self.store_at}, which stopped answering (the network to it is cut, or "
+                   f"the process that serves it, rank 0's or torchrun's agent, is stopped or gone)")
         else:
             culprits, why = self.culprits(stopped)
             who = ", ".join(f"rank {r} (pid {self.peers[r].last.pid} on {self.peers[r].last.host})" for r in culprits)
@@ -200,37 +217,40 @@ class Watchdog:
             with contextlib.suppress(OSError):  # it ended by itself meanwhile, or is not ours to signal
                 os.kill(pid, signal.SIGKILL)
         printer = min((r for r in range(self.world_size) if r not in culprits), default=0)
-        self.exit(EXIT_HUNG, line if printer == self.rank else None)
+        if store_lost and self.agent_store:
+            line += "; " + stop_cut_off_agent()
+        self.exit(EXIT_HUNG, line if printer == self.rank or store_lost else None)
 
     def wait_for_reports(self, live: int) -> None:
         """Count this rank's post-mortem as written and wait (a few seconds at most) for the other live
         ranks': a launcher kills them as soon as one rank exits."""
-        written = call_with_timeout(2, lambda: self.store.add("hang-reports", 1))
+        written = call_in_time(2, lambda: self.store.add("hang-reports", 1))
         end = time.monotonic() + REPORTS_WAIT_S
         while written is not None and written < live and time.monotonic() < end:
             time.sleep(0.05)
-            written = call_with_timeout(1, lambda: self.store.add("hang-reports", 0))
+            written = call_in_time(1, lambda: self.store.add("hang-reports", 0))
 
     def postmortem_folder(self, step: int) -> Path:
         """RUN_DIR/hangs/<when>-step<N>: the first rank to get here names it for all (through the store)."""
         mine = f"{time.strftime('%Y%m%d-%H%M%S')}-step{step}"
-        agreed = call_with_timeout(2, lambda: self.store.compare_set("hang", "", mine).decode())
+        agreed = call_in_time(2, lambda: self.store.compare_set("hang", "", mine).decode())
         return self.run_dir / "hangs" / (agreed or mine)
 
     def culprits(self, stopped: list[int]) -> tuple[list[int], str]:
         """The ranks the others wait for, and why, in words; `stopped`: those whose heartbeat is stale."""
         if stopped:
-            return stopped, "whose process stopped running (stopped, hung in the kernel, or its node is gone)"
+            return stopped, "whose process stopped running (stopped, hung in the kernel, its node gone or its network cut)"
         last = max(p.moved_at for p in self.peers.values())  # every process runs: the others wait for these
         moved_last = [r for r, p in sorted(self.peers.items()) if p.moved_at >= last - 2 * self.interval]
         which = "which still run" if len(moved_last) < self.world_size else "(every rank) which still run"
         return moved_last, f"{which} but make no progress (stuck in a collective, a GPU call or the file system)"
 
     def stopped_here(self, stopped: list[int]) -> dict[int, int]:
-        """The stopped ranks on this host (rank -> pid): their state goes into the post-mortem, then they are
-        killed, so that torchrun notices at once and restarts the group."""
-        return {r: self.peers[r].last.pid for r in stopped
-                if self.peers[r].last.host == self.host and self.peers[r].last.pid != os.getpid()}
+        """The stopped ranks proven to run on this host (rank -> pid): the same host identity (not just the
+        same hostname), and the pid still the process that published it. Their state goes into the
+        post-mortem, then they are killed, so that torchrun notices at once and restarts the group."""
+        return {r: beat.pid for r in stopped for beat in [self.peers[r].last]
+                if beat.ident == self.ident and beat.pid != os.getpid() and process_start(beat.pid) == beat.started}
 
     def exit(self, code: int, message: str | None) -> None:
         """End this process now: the main thread may be blocked in a collective that never returns."""
@@ -239,17 +259,29 @@ class Watchdog:
         exit_process(code)
 
 
-def call_with_timeout(seconds: float, fn: Callable[[], Any]) -> Any:
-    """fn() in a thread of its own, waiting at most `seconds` for it (the store may not answer, or be
-    gone): its result, or None (also when it raised)."""
-    result = []
+def stop_cut_off_agent() -> str:
+    """End this node's torchrun agent, cut off from its c10d rendezvous store. It would wait for the store
+    in a blocking read that neither its timeouts nor SIGTERM end: until TCP gives up on the connection
+    (net.ipv4.tcp_retries2, about 15 minutes by default), holding the node until the job's time limit.
+    Returns what happened, for the hang line."""
+    agent = os.getppid()
+    try:
+        with open(f"/proc/{agent}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "torchrun's agent on this node has gone"
+    if "torch.distributed.run" not in cmdline and "torchrun" not in cmdline:
+        return "the process that started this rank is not torchrun's agent: left alone"
+    with contextlib.suppress(OSError):
+        os.kill(agent, signal.SIGKILL)
+    return (f"torchrun's agent on this node (pid {agent}), cut off from its rendezvous store, is ended with kill -9 "
+            f"(it would wait about 15 minutes for TCP to give up), so its command exits 137")
 
-    def run() -> None:
-        try:
-            result.append(fn())
-        except Exception:  # a store that is gone: the same as no answer
-            result.append(None)
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    return result[0] if result else None
+
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks after boot; /proc/PID/stat field 22), or -1 if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1

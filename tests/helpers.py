@@ -82,8 +82,11 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
 
 
 def metrics(run_dir: Path) -> list[dict]:
+    """The run's records so far; a last line the job is still writing is left out."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()]
 
 
 def summary(run_dir: Path) -> dict:

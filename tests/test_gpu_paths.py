@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, assert_same_params, final_ckpt, job_env, run_train, summary
+from helpers import ROOT, assert_same_params, final_ckpt, job_env, kill_worker, run_train, start_train, summary, wait_for
 from fakes import fake_cuda, nccl_flight_recorder, save_on_cuda
 from mnist_dist import checkpoint, devices, distributed, locks, optim, postmortem
 from mnist_dist.config import parse_config
@@ -182,12 +183,43 @@ def test_two_nodes_with_node_local_run_dirs_resume_from_rank_0s_checkpoint(tiny_
     assert_same_params(a, ref)  # both ranks resumed from the same step and state
 
 
+def test_rank_0_with_an_empty_run_dir_resumes_from_the_newest_checkpoint_another_node_holds(tiny_data, tmp_path):
+    """After an elastic change rank 0 can land on a node whose run dir has no checkpoint: the newest any
+    node holds is the resume point (here node 1's, from an epoch it ran as rank 0 alone)."""
+    ref = tmp_path / "ref"
+    assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [ref, ref], "--epochs", "2", *FLAGS))
+    a, b = tmp_path / "node0", tmp_path / "node1"
+    assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [b, a], "--epochs", "1", *FLAGS))
+    assert not (a / "checkpoints").exists()
+    results = two_nodes(tiny_data, [a, b], "--epochs", "2", *FLAGS)
+    assert all(rc == 0 for rc, _, _ in results), results
+    assert "resuming at epoch 2" in results[0][1]
+    assert_same_params(a, ref)
+
+
+def test_a_restart_that_finds_no_checkpoint_a_round_before_saved_says_so(medium_data, tmp_path):
+    """torchrun --max-restarts: the checkpoints an earlier round saved are gone when the group restarts
+    (they were on a node that left): one warning line names the step and the host, then it starts over."""
+    run = tmp_path / "run"
+    proc = start_train(2, medium_data, run, "--batch-size", "8", "--epochs", "3", "--ckpt-every", "0", restarts=1)
+    wait_for(lambda: list((run / "checkpoints").glob("ckpt-*.pt")) or proc.poll() is not None, timeout=120,
+             what="the first epoch's checkpoint")
+    saved = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    shutil.rmtree(run / "checkpoints")
+    kill_worker(proc, 1)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    step = int(saved.stem.split("-")[1])
+    assert f"warning: this job saved a checkpoint at step {step} on {socket.gethostname()}, which is no longer in " \
+           f"the job" in err and "training goes on from step 0" in err, err
+
+
 def test_ranks_started_with_different_flags_are_refused(tiny_data, tmp_path):
     run = tmp_path / "run"
     results = two_nodes(tiny_data, [run, run], ("--epochs", "2", *FLAGS), ("--epochs", "3", *FLAGS))
     assert [rc for rc, _, _ in results] != [0, 0]
-    err = results[0][2] + results[1][2]
-    assert err.count("mnist-dist: error: rank 1 was started with other flags than rank 0: --epochs 3 (rank 0: 2)") == 1, err
+    line = "mnist-dist: error: rank 1 was started with other flags than rank 0: --epochs 3 (rank 0: 2)"
+    assert all(err.count(line) == 1 for _, _, err in results), "each node's log says why, once"
 
 
 def test_nodes_sharing_a_data_dir_take_turns_at_the_download(tiny_data, tmp_path):
