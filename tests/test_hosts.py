@@ -1,0 +1,223 @@
+"""The job on separate hosts (tests/hosts.py: network namespaces with their own hostname, addresses,
+/etc/hosts, /dev/shm and /tmp, joined by a virtual switch): rendezvous, run dirs, the 127.0.1.1 pitfall,
+same-named hosts, a partition, a blip and elastic node loss. Skipped, with the reason, where namespaces
+cannot be made."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hosts as hosts_mod
+from helpers import SMALL_RUN, job_env, run_train, wait_for
+from hosts import Host, Hosts
+from mnist_dist.errors import EXIT_HUNG
+
+WHY_NOT = hosts_mod.unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"separate hosts: {WHY_NOT}")
+
+PORT = 29500
+FLAGS = (*SMALL_RUN, "--ckpt-every", "50", "--no-verify-data", "--no-download")
+
+
+def torchrun(rdzv: str, node: int, *flags: str, nnodes: str = "2", endpoint: str = "nodeA", restarts: int = 0) -> list[str]:
+    """The command each node runs, one rank per node, as the README says."""
+    how = ([f"--node-rank={node}", f"--master-addr={endpoint}", f"--master-port={PORT}"] if rdzv == "static" else
+           ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{PORT}", "--rdzv-id=hosts-test",
+            "--rdzv-conf=join_timeout=60,last_call_timeout=2,close_timeout=5"])
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1", *how,
+            f"--max-restarts={restarts}",
+            "-m", "mnist_dist.train", *FLAGS, *flags]
+
+
+def plain(rank: int, master: str, *flags: str) -> tuple[list[str], dict]:
+    """One rank as a plain process with the launcher's variables (as srun or a scheduler would start it)."""
+    env = job_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR=master, MASTER_PORT=str(PORT))
+    return [sys.executable, "-m", "mnist_dist.train", *FLAGS, *flags], env
+
+
+def finish(procs: list[subprocess.Popen], hosts: list[Host], timeout: float) -> list[tuple[int, str, str, float]]:
+    """Wait for every node's command: (exit code, stdout, stderr, seconds from now) each; on a timeout every
+    process on the hosts is killed and the test fails."""
+    start, results = time.monotonic(), []
+    for proc, host in zip(procs, hosts):
+        try:
+            out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for h in hosts:
+                h.kill_all()
+            out, err = proc.communicate()
+            pytest.fail(f"{host.name}'s command still ran after {timeout:.0f} s:\n{err[-3000:]}")
+        results.append((proc.returncode, out, err, time.monotonic() - start))
+    return results
+
+
+def local(host: Host, path: str) -> Path:
+    """A path on `host` (its own /tmp included), as seen from the test."""
+    return Path(f"/proc/{host.pid}/root{path}")
+
+
+def newest_step(run: Path) -> int:
+    ckpts = sorted((run / "checkpoints").glob("ckpt-*.pt"))
+    return int(ckpts[-1].stem.split("-")[1]) if ckpts else 0
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)["model"]
+
+
+def same_model(run: Path, reference: Path) -> bool:
+    p, q = final_params(run), final_params(reference)
+    return p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p)
+
+
+def one_line_errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("mnist-dist: error:")]
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory) -> Path:
+    """The same job on one host, 2 ranks, uninterrupted: what the separate hosts must reproduce."""
+    run = tmp_path_factory.mktemp("one-host") / "run"
+    res = run_train(2, small_data, run, *SMALL_RUN, "--ckpt-every", "50", "--epochs", "2")
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+# --- 1. rendezvous and run dirs -------------------------------------------------------------------
+@pytest.mark.parametrize("rdzv,run_dir", [("static", "node-local"), ("c10d", "shared")])
+def test_two_hosts_train_stop_and_resume_to_the_one_host_model(rdzv, run_dir, reference, small_data, tmp_path):
+    """Stopped by SIGTERM to both agents (as scancel does) mid-run, then the same command again on each node:
+    the final model is bit for bit the one-host run's."""
+    run = "/tmp/run" if run_dir == "node-local" else str(tmp_path / "run")
+    flags = ("--data-dir", str(small_data), "--run-dir", run, "--epochs", "2")
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        rank0_run = local(hosts[0], run) if run_dir == "node-local" else Path(run)
+        procs = [h.start(torchrun(rdzv, i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        wait_for(lambda: newest_step(rank0_run) >= 100 or procs[0].poll() is not None, timeout=120, what="step 100")
+        for host in hosts:  # to torchrun's agent (nsenter, which started it, does not pass signals on)
+            host.run(["pkill", "-TERM", "-f", "torch.distributed.run"])
+        stopped = finish(procs, hosts, timeout=60)
+        assert all(code != 0 for code, *_ in stopped), "a stopped run does not report success"
+        assert "stopped by SIGTERM" in stopped[0][2] and "stopped by SIGTERM" in stopped[1][2], \
+            "each node's log says why it stopped"
+        procs = [h.start(torchrun(rdzv, i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        done = finish(procs, hosts, timeout=120)
+        assert [code for code, *_ in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
+        assert "resuming at epoch" in done[0][1]
+        assert same_model(rank0_run, reference), "the resumed two-host run ends with the one-host model"
+
+
+# --- 2. the 127.0.1.1 pitfall and start-up failures -----------------------------------------------
+@pytest.mark.parametrize("loopback,subnet", [((0,), "10.7.0"), ((0,), "198.18.0"), ((1,), "198.18.0"),
+                                             ((0, 1), "10.7.0"), ((0, 1), "198.18.0")],
+                         ids=["A-low", "A-high", "B-high", "both-low", "both-high"])
+def test_a_host_name_on_127_0_1_1_just_works(loopback, subnet, small_data, tmp_path):
+    """Debian's /etc/hosts maps the host's own name to 127.0.1.1. Left alone, gloo offers that address to the
+    other host; the job points gloo (and NCCL) at the interface that reaches the other host instead."""
+    flags = ("--data-dir", str(small_data), "--run-dir", "/tmp/run", "--epochs", "1")
+    with Hosts(tmp_path, ["nodeA", "nodeB"], subnet=subnet, loopback_name=loopback) as hosts:
+        procs = [h.start(torchrun("static", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        results = finish(procs, hosts, timeout=120)
+    assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert "test accuracy" in results[0][1]
+
+
+@pytest.mark.parametrize("wrong", [0, 1], ids=["on-A", "on-B"])
+def test_a_start_up_failure_ends_every_host_in_one_line_within_seconds(wrong, small_data, tmp_path):
+    """GLOO_SOCKET_IFNAME=lo on one host (the user's choice is kept): its peer is offered a loopback
+    address. Both hosts end in one line each, naming the host, the address and the fix; no traceback."""
+    flags = ("--data-dir", str(small_data), "--run-dir", "/tmp/run", "--epochs", "1")
+    with Hosts(tmp_path, ["nodeA", "nodeB"], subnet="198.18.0", loopback_name=(0, 1)) as hosts:
+        procs = []
+        for rank, host in enumerate(hosts):
+            cmd, env = plain(rank, "nodeA", *flags)
+            if rank == wrong:
+                env["GLOO_SOCKET_IFNAME"] = "lo"
+            procs.append(host.start(cmd, env=env))
+        results = finish(procs, hosts, timeout=60)
+    for code, _, err, took in results:
+        assert code == 1 and took < 60, err
+        lines = one_line_errors(err)
+        assert len(lines) == 1 and "Traceback" not in err, err
+    said = " ".join(one_line_errors(results[0][2]) + one_line_errors(results[1][2]))
+    assert "could not join the process group" in said and "127.0.0.1" in said and "GLOO_SOCKET_IFNAME" in said
+    assert "on nodeA" in said or "on nodeB" in said
+
+
+# --- 2b. two hosts with one hostname --------------------------------------------------------------
+def test_same_named_hosts_kill_nothing_on_the_wrong_host(medium_data, tmp_path):
+    """Both hosts are called "node" and their pids overlap: host A runs a bystander with the very pid that
+    rank 1 has on host B. Rank 1 is stopped; rank 0's watchdog ends the job (exit 76) and signals nothing,
+    since no stopped rank is proven to run on its host."""
+    flags = ("--data-dir", str(medium_data), "--run-dir", str(tmp_path / "run"), "--epochs", "20", "--hang-timeout", "6")
+    with Hosts(tmp_path, ["node", "node"], aliases={"master": 0}) as (a, b):
+        for _ in range(5):  # B's pids run ahead of A's, so that rank 1's pid is still free on A
+            b.sh("true")
+        cmd, env = plain(1, "master", *flags)
+        rank1 = b.start(cmd, env=env)
+        inner = int(b.sh("pgrep -f mnist_dist.train").split()[0])
+        bystander = a.start(["sh", "-c", f"echo {inner - 1} > /proc/sys/kernel/ns_last_pid; sleep 600 & echo $!; wait"])
+        assert int(bystander.stdout.readline()) == inner, "the bystander did not get rank 1's pid"
+        cmd, env = plain(0, "master", *flags)
+        rank0 = a.start(cmd, env=env)
+        wait_for(lambda: newest_step(tmp_path / "run") >= 50 or rank0.poll() is not None, timeout=120, what="step 50")
+        assert rank1.poll() is None, rank1.communicate()
+        b.sh(f"kill -STOP {inner}")
+        [(code, _, err, took)] = finish([rank0], [a, b], timeout=60)
+        assert code == EXIT_HUNG, err
+        assert f"rank 1 (pid {inner} on node)" in err
+        assert bystander.poll() is None, "the bystander on host A, with rank 1's pid, was killed"
+        assert rank1.poll() is None, "rank 1 on host B is stopped, not killed from another host"
+
+
+# --- 3. a partition, 4. a blip --------------------------------------------------------------------
+def test_a_partitioned_node_ends_every_node_and_the_rerun_finishes(medium_data, tmp_path):
+    """c10d rendezvous (torchrun's agent on node A serves the store), node B's cable cut for good mid-run:
+    each node ends within --hang-timeout + 60 s with one line; node B's agent, which would block on its
+    store for ~15 minutes, is ended by its rank (137). After mending, the same commands resume and finish."""
+    hang = 10
+    flags = ("--data-dir", str(medium_data), "--run-dir", "/tmp/run", "--epochs", "2", "--hang-timeout", str(hang))
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        a, b = hosts
+        procs = [h.start(torchrun("c10d", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        wait_for(lambda: newest_step(local(a, "/tmp/run")) >= 100 or procs[0].poll() is not None, timeout=120,
+                 what="step 100")
+        b.cut()
+        results = finish(procs, hosts, timeout=hang + 60)
+        took = [r[3] for r in results]  # seconds after the cut
+        print(f"partition: node A ended {took[0]:.1f} s after the cut (exit {results[0][0]}), "
+              f"node B {took[1]:.1f} s (exit {results[1][0]})")
+        (code_a, _, err_a, _), (code_b, _, err_b, _) = results
+        assert code_a == 1 and "exitcode  : 76" in err_a, err_a[-3000:]  # torchrun's report of its rank's 76
+        assert code_b in (137, -9), err_b[-3000:]
+        for err in (err_a, err_b):
+            assert len([line for line in one_line_errors(err) if "no progress on any rank" in line]) == 1, err[-3000:]
+        assert "network" in err_a and "network to it is cut" in err_b
+        saved = newest_step(local(a, "/tmp/run"))
+        torch.load(sorted((local(a, "/tmp/run") / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
+        b.mend()
+        procs = [h.start(torchrun("c10d", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        done = finish(procs, hosts, timeout=180)
+        assert [code for code, *_ in done] == [0, 0], done[0][2][-2000:] + done[1][2][-2000:]
+        assert f"(step {saved})" in done[0][1], "the rerun resumes from the newest checkpoint"
+
+
+def test_a_short_blip_is_survived_and_ends_as_an_uninterrupted_run(reference, small_data, tmp_path):
+    """Node B's cable out for 3 s (below --hang-timeout): TCP retransmits, and the job ends with the one-host
+    model bit for bit."""
+    flags = ("--data-dir", str(small_data), "--run-dir", str(tmp_path / "run"), "--epochs", "2", "--hang-timeout", "30")
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        procs = [h.start(torchrun("static", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        wait_for(lambda: newest_step(tmp_path / "run") >= 100 or procs[0].poll() is not None, timeout=120,
+                 what="step 100")
+        hosts[1].cut()
+        time.sleep(3)
+        hosts[1].mend()
+        results = finish(procs, hosts, timeout=120)
+    assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert same_model(tmp_path / "run", reference)
