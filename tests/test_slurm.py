@@ -107,6 +107,31 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medi
     assert summary(run)["test_acc"] == summary(ref)["test_acc"]
 
 
+def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(slurm, medium_data, tmp_path):
+    """LAUNCHER=torchrun: one srun task per node, each a torchrun agent (c10d) with --signals-to-handle,
+    on both slurmd nodes. USR1 to the job's steps (what --signal=USR1@90 sends) reaches the ranks through
+    the agents: checkpoint, requeue, and the job finishes with the uninterrupted srun job's model."""
+    ref = tmp_path / "ref"
+    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    proc = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--", *FLAGS, wait=False,
+                  DATA_DIR=str(medium_data), RUN_DIR=str(run), LAUNCHER="torchrun")
+    job = proc.stdout.readline().strip()
+    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)) or "] exit" in log_of(tmp_path, job),
+             what="step 100")
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
+    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
+    kicker.start()
+    wait_for(finished, timeout=300, what="the requeued job to finish")
+    proc.kill()
+    log = log_of(tmp_path, job)
+    assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log, log[-3000:]
+    assert "resuming at epoch 1" in log
+    assert_same_params(run, ref)
+
+
 def task_pid(job: str, rank: int) -> int:
     """The pid of the Python process that is rank `rank` (an srun task) of Slurm job `job`."""
     for proc in Path("/proc").glob("[0-9]*"):
