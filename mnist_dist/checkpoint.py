@@ -207,7 +207,7 @@ class Checkpointer:
 
     def save(self, make: Callable[[], dict], is_best: bool = False) -> Path:
         if not self.enabled:
-            return self.dir / "(rank 0 only)"
+            return self.dir / "(written by rank 0, in its run dir)"
         return save(make(), self.dir, self.keep_last, is_best)
 
 

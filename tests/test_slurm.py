@@ -85,6 +85,18 @@ def test_bad_flag_fails_fast_and_is_not_requeued(slurm, tiny_data, tmp_path):
     assert "--lr must be a positive number" in log and "requeueing" not in log
 
 
+def usr1_then_follow(slurm: dict, tmp: Path, job: str, proc: subprocess.Popen) -> str:
+    """What Slurm's --signal=USR1@90 does near the time limit, USR1 to the job's steps; then the job's log
+    once the requeued job finished (sbatch --wait may return at the requeue, so the log is followed)."""
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
+    finished = lambda: "] exit 0" in log_of(tmp, job)  # noqa: E731
+    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
+    kicker.start()
+    wait_for(finished, timeout=300, what="the requeued job to finish")
+    proc.kill()
+    return log_of(tmp, job)
+
+
 def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medium_data, tmp_path):
     ref = tmp_path / "ref"
     res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
@@ -93,15 +105,7 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medi
     proc = sbatch(slurm, tmp_path, *FLAGS, wait=False, DATA_DIR=str(medium_data), RUN_DIR=str(run))
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
-    # what Slurm's --signal=USR1@90 does near the time limit: USR1 to the srun tasks (the ranks)
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-    # sbatch --wait may return when the job is requeued, so follow the job's own log to its end
-    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
-    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
-    kicker.start()
-    wait_for(finished, timeout=300, what="the requeued job to finish")
-    proc.kill()
-    log = log_of(tmp_path, job)
+    log = usr1_then_follow(slurm, tmp_path, job, proc)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
     assert_same_params(run, ref)  # the resumed job ends with the uninterrupted job's model
     assert summary(run)["test_acc"] == summary(ref)["test_acc"]
@@ -120,13 +124,7 @@ def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(sl
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)) or "] exit" in log_of(tmp_path, job),
              what="step 100")
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
-    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
-    kicker.start()
-    wait_for(finished, timeout=300, what="the requeued job to finish")
-    proc.kill()
-    log = log_of(tmp_path, job)
+    log = usr1_then_follow(slurm, tmp_path, job, proc)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log, log[-3000:]
     assert "resuming at epoch 1" in log
     assert_same_params(run, ref)
