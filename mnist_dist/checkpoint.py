@@ -24,7 +24,7 @@ import torch
 
 from .config import TRAJECTORY_FIELDS, Config, flag
 from .errors import CheckpointError, UsageError, WriteFailed, first_line, warn
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 NAME = re.compile(r"ckpt-(\d+)\.pt$")
@@ -209,6 +209,28 @@ class Checkpointer:
         if not self.enabled:
             return self.dir / "(written by rank 0, in its run dir)"
         return save(make(), self.dir, self.keep_last, is_best)
+
+
+SAVE_NOTE = ".newest-checkpoint"  # in the run dir of every node: "STEP HOST" of rank 0's newest save
+
+
+def note_save(run_dir: str | os.PathLike, step: int, host: str) -> None:
+    """Note on this node that rank 0 saved a checkpoint at `step` on `host` (a few bytes, atomically)."""
+    path = Path(run_dir) / SAVE_NOTE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # another node's run dir may hold nothing yet
+    except OSError as err:
+        raise WriteFailed(path, err) from None
+    atomic_write_text(path, f"{step} {host}\n")
+
+
+def noted_save(run_dir: str | os.PathLike) -> tuple[int, str]:
+    """The newest save this node noted, (0, "") if none (or an unreadable note)."""
+    try:
+        step, host = (Path(run_dir) / SAVE_NOTE).read_text().split()
+        return int(step), host
+    except (OSError, ValueError):
+        return 0, ""
 
 
 def resume_point(cfg: Config) -> dict | None:

@@ -217,10 +217,8 @@ class Ranks:
     every method (each holds a collective), also where `fn` runs on some ranks only. Host-device sync
     points, all of them."""
 
-    def __init__(self, env: DistEnv, device: torch.device, store: dist.Store | None = None):
+    def __init__(self, env: DistEnv, device: torch.device):
         self.env, self.device = env, device
-        # notes that outlive a torchrun restart round (its agent serves the store through them all)
-        self.notes = dist.PrefixStore("mnist-dist/notes", store) if store is not None else None
 
     def check(self, fn: Callable[..., Any], *args: Any, on: Where = "all", **kwargs: Any) -> Any:
         """fn(*args, **kwargs) on the ranks `on` names. If it raises a UsageError on any rank, every rank raises
@@ -257,15 +255,8 @@ class Ranks:
         src = W - 1 - best % W
         return self.broadcast(found if self.env.rank == src else None, src=src, what="the newest checkpoint")
 
-    def remember(self, key: str, value: str) -> None:
-        if self.notes is not None:
-            call_in_time(5, lambda: self.notes.set(key, value))
-
-    def recall(self, key: str) -> str | None:
-        """A note an earlier round of this job left in the store, if any (never waits for one)."""
-        if self.notes is None:
-            return None
-        return call_in_time(5, lambda: self.notes.check([key]) and self.notes.get(key).decode())
+    def max(self, values: list[float], what: str = "a maximum over the ranks") -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX, what)
 
     def sum(self, values: list[float], what: str = "a sum over the ranks") -> list[float]:
         """A few numbers summed over all ranks; `what` they are names the collective in post-mortems."""

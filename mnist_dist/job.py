@@ -37,7 +37,7 @@ class Job:
         distributed.init(env, store, self.device, cfg.hang_timeout)
         self.watch.formed()
         self.tracker = make_tracker(env.is_main, cfg)
-        ranks = Ranks(env, self.device, store)
+        ranks = Ranks(env, self.device)
         ranks.check(check_flags, cfg, ranks.from_main(cfg.to_dict), env)
         self.lock = ranks.check(run_dir.claim, cfg, env, on="main")
         devices.make_deterministic(self.device, cfg.deterministic)

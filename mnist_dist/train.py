@@ -57,6 +57,7 @@ class Trainer:
         progress.enter("data load")
         ranks.check(data.fetch, cfg.data_dir, cfg.download, cfg.verify_data, on="local_main")
         ckpt = ranks.from_newest(checkpoint.resume_point, cfg)
+        self.main_host = ranks.from_main(socket.gethostname)  # where rank 0 writes the checkpoints
         self.warn_if_progress_lost(ckpt["step"] if ckpt else 0)
         self.state = TrainState.from_checkpoint(ckpt) if ckpt else TrainState()
         # rank 0's W&B process starts the run (the id is in the checkpoint) while this one loads the data
@@ -112,13 +113,14 @@ class Trainer:
         return model, optim.make_adam(model, cfg.lr)
 
     def warn_if_progress_lost(self, resumed: int) -> None:
-        """A torchrun restart round whose nodes hold no checkpoint as new as one an earlier round saved: the
-        node that holds it is no longer in the job (node-local run dirs). Say so, and go on from what is here."""
-        saved = self.ranks.recall("saved") if self.env.restart > 0 else None
-        step, _, host = (saved or "0 ").partition(" ")
-        if int(step) > resumed and self.env.is_main:
-            warn(f"this job saved a checkpoint at step {step} on {host}, which is no longer in the job; no node here "
-                 f"holds one that new (node-local run dirs): training goes on from step {resumed}")
+        """Every node's first rank notes each checkpoint rank 0 saves (step and host) in its own run dir.
+        A resume point older than a noted one means the node that holds the newer checkpoint is no
+        longer in the job (node-local run dirs, an elastic change): say so, and go on from what is here."""
+        noted = self.ranks.check(checkpoint.noted_save, self.cfg.run_dir, on="local_main") or (0, "")
+        newest = int(self.ranks.max([float(noted[0])], "the newest noted checkpoint")[0])
+        if newest > resumed and noted[0] == newest:
+            warn(f"this job saved a checkpoint at step {newest} on {noted[1]}, but no node here holds one that new "
+                 f"(a node that left the job, node-local run dirs): training goes on from step {resumed}")
 
     def start_from(self, ckpt: dict | None) -> None:
         """Restore the checkpoint to resume from, or start afresh."""
@@ -212,8 +214,8 @@ class Trainer:
         progress.enter("checkpoint write")
         path = self.ckpt.save(lambda: checkpoint.snapshot(self.state, self.model, self.opt, self.cfg,
                                                           self.env.world_size, self.device), is_best)
-        if self.env.is_main:
-            self.ranks.remember("saved", f"{self.state.step} {socket.gethostname()}")
+        if self.env.is_local_main:
+            checkpoint.note_save(self.cfg.run_dir, self.state.step, self.main_host)
         progress.enter(phase)
         return path
 

@@ -260,22 +260,42 @@ class Watchdog:
 
 
 def stop_cut_off_agent() -> str:
-    """End this node's torchrun agent, cut off from its c10d rendezvous store. It would wait for the store
-    in a blocking read that neither its timeouts nor SIGTERM end: until TCP gives up on the connection
-    (net.ipv4.tcp_retries2, about 15 minutes by default), holding the node until the job's time limit.
-    Returns what happened, for the hang line."""
+    """End this node's torchrun agent if it is cut off from its c10d rendezvous store too. It would wait
+    for the store in a blocking read that neither its timeouts nor SIGTERM end: until TCP gives up on
+    the connection (net.ipv4.tcp_retries2, about 15 minutes by default), holding the node until the
+    job's time limit. An agent that still reaches its rendezvous (on another host) is left to carry on:
+    it restarts or shrinks the group. Returns what happened, for the hang line."""
     agent = os.getppid()
     try:
         with open(f"/proc/{agent}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            args = f.read().decode(errors="replace").split("\0")
     except OSError:
         return "torchrun's agent on this node has gone"
-    if "torch.distributed.run" not in cmdline and "torchrun" not in cmdline:
+    if not any(a.endswith(("torch.distributed.run", "torchrun")) for a in args):
         return "the process that started this rank is not torchrun's agent: left alone"
+    endpoint = option(args, "rdzv-endpoint")
+    if option(args, "rdzv-backend") != "c10d" or not endpoint:
+        return "torchrun's agent (static rendezvous) ends by itself"
+    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", "29400")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        return f"torchrun's agent still reaches its rendezvous at {endpoint}: left to restart the group"
+    except (OSError, ValueError):
+        pass
     with contextlib.suppress(OSError):
         os.kill(agent, signal.SIGKILL)
-    return (f"torchrun's agent on this node (pid {agent}), cut off from its rendezvous store, is ended with kill -9 "
-            f"(it would wait about 15 minutes for TCP to give up), so its command exits 137")
+    return (f"torchrun's agent on this node (pid {agent}), cut off from its rendezvous at {endpoint}, is ended "
+            f"with kill -9 (it would wait about 15 minutes for TCP to give up), so its command exits 137")
+
+
+def option(args: list[str], name: str) -> str | None:
+    """The value of torchrun's --name (also --name=value and the underscore spelling) in its arguments."""
+    spellings = (f"--{name}", f"--{name.replace('-', '_')}")
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in spellings:
+            return value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
 def process_start(pid: int) -> int:

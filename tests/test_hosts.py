@@ -228,3 +228,37 @@ def test_a_short_blip_is_survived_and_ends_as_an_uninterrupted_run(reference, sm
         results = finish(procs, hosts, timeout=120)
     assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert same_model(tmp_path / "run", reference)
+
+
+# --- 5. elastic: node-local run dirs, the rendezvous store on a third host -----------------------
+STORE = ("import time, datetime, torch.distributed as d; "
+         f"s = d.TCPStore('0.0.0.0', {PORT}, is_master=True, wait_for_workers=False, "
+         "timeout=datetime.timedelta(seconds=600)); print('serving', flush=True); time.sleep(3600)")
+ELASTIC = ("--run-dir", "/tmp/run", "--epochs", "3", "--hang-timeout", "10")
+
+
+def rendezvous_host(host: Host) -> subprocess.Popen:
+    server = host.start([sys.executable, "-c", STORE])
+    assert server.stdout.readline().strip() == "serving"
+    return server
+
+
+def test_elastic_goes_on_without_a_lost_node_and_says_its_checkpoints_went_with_it(medium_data, tmp_path):
+    """--nnodes=1:2, c10d at a third host: rank 0's node (the one with checkpoints) is lost for good; the
+    other goes on alone at world size 1 and finishes, saying in one line that the job had saved a newer
+    checkpoint on the lost node than any it holds."""
+    cmd = torchrun("c10d", 0, "--data-dir", str(medium_data), *ELASTIC, nnodes="1:2", endpoint="store", restarts=3)
+    with Hosts(tmp_path, ["nodeA", "nodeB", "store"]) as (a, b, store):
+        rendezvous_host(store)
+        procs = {a: a.start(cmd, env=job_env()), b: b.start(cmd, env=job_env())}
+        wait_for(lambda: max(newest_step(local(h, "/tmp/run")) for h in (a, b)) >= 100, timeout=120, what="step 100")
+        lost = a if newest_step(local(a, "/tmp/run")) else b
+        survivor = b if lost is a else a
+        saved = newest_step(local(lost, "/tmp/run"))
+        lost.cut()
+        lost.kill_all()
+        [(code, out, err, took)] = finish([procs[survivor]], [a, b, store], timeout=150)
+    print(f"elastic: {survivor.name} finished alone {took:.1f} s after {lost.name} was lost (exit {code})")
+    assert code == 0, said(err)
+    assert "1 rank on cpu" in out and "test accuracy" in out
+    assert f"warning: this job saved a checkpoint at step {saved} on {lost.name}" in err, said(err)
