@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -134,11 +133,10 @@ def choose_interface(store: dist.Store, env: DistEnv, environ: dict = os.environ
     posts its host and addresses in the store; returns the interface chosen here, if any."""
     if env.world_size == 1 or all(name in environ for name in SOCKET_IFNAMES):
         return None
-    mine = interface_addresses()
-    store.set(f"host/{env.rank}", f"{host_identity()} " + ",".join(mine.values()))
+    mine, here = interface_addresses(), host_identity()
+    store.set(f"host/{env.rank}", f"{here} " + ",".join(mine.values()))
     others = store.multi_get([f"host/{r}" for r in range(env.world_size)])
-    remote = [addrs for ident, _, addrs in (raw.decode().partition(" ") for raw in others)
-              if ident != host_identity()]
+    remote = [addrs for ident, _, addrs in (raw.decode().partition(" ") for raw in others) if ident != here]
     if not remote:
         return None  # every rank on this host: loopback is right
     for addr in [a for addrs in remote for a in addrs.split(",") if a]:
@@ -291,18 +289,3 @@ class Ranks:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
-
-def call_in_time(seconds: float, fn: Callable[[], Any]) -> Any:
-    """fn() (a store call) in a thread of its own, waiting at most `seconds`: its result, or None (also
-    when it raised). The store may not answer: a node cut off, the process serving it gone."""
-    result: list[Any] = []
-
-    def run() -> None:
-        try:
-            result.append(fn())
-        except Exception:  # a store that is gone: the same as no answer
-            result.append(None)
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    return result[0] if result else None

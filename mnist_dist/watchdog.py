@@ -28,11 +28,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch.distributed as dist
 
 from . import postmortem, progress
-from .distributed import DistEnv, call_in_time, host_identity, startup_timeout
+from .distributed import DistEnv, host_identity, startup_timeout
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
 STORE_LOST_S = 10.0  # the store refusing us this long: the process that served it has gone
@@ -126,13 +127,13 @@ class Watchdog:
 
     def failed_elsewhere(self) -> PeerStopped | None:
         """Another rank's failure, if one was posted (asks the store, waiting at most 2 s for it)."""
-        posted = call_in_time(2, lambda: self.store.check(["abort"]) and self.store.get("abort").decode())
+        posted = call_with_timeout(2, lambda: self.store.check(["abort"]) and self.store.get("abort").decode())
         failure = Failure.decode(posted) if posted else self.failure
         return failure.stops(self.rank) if failure and failure.rank != self.rank else None
 
     def abort(self, failure: Failure) -> None:
         """Tell the other ranks that this one failed, so they stop now (waits at most 2 s for the store)."""
-        call_in_time(2, lambda: self.store.set("abort", failure.encode()))
+        call_with_timeout(2, lambda: self.store.set("abort", failure.encode()))
 
     # --- the publisher: each interval, one round of talk with the store ------------------------------
     def publish(self) -> None:
@@ -224,16 +225,16 @@ class Watchdog:
     def wait_for_reports(self, live: int) -> None:
         """Count this rank's post-mortem as written and wait (a few seconds at most) for the other live
         ranks': a launcher kills them as soon as one rank exits."""
-        written = call_in_time(2, lambda: self.store.add("hang-reports", 1))
+        written = call_with_timeout(2, lambda: self.store.add("hang-reports", 1))
         end = time.monotonic() + REPORTS_WAIT_S
         while written is not None and written < live and time.monotonic() < end:
             time.sleep(0.05)
-            written = call_in_time(1, lambda: self.store.add("hang-reports", 0))
+            written = call_with_timeout(1, lambda: self.store.add("hang-reports", 0))
 
     def postmortem_folder(self, step: int) -> Path:
         """RUN_DIR/hangs/<when>-step<N>: the first rank to get here names it for all (through the store)."""
         mine = f"{time.strftime('%Y%m%d-%H%M%S')}-step{step}"
-        agreed = call_in_time(2, lambda: self.store.compare_set("hang", "", mine).decode())
+        agreed = call_with_timeout(2, lambda: self.store.compare_set("hang", "", mine).decode())
         return self.run_dir / "hangs" / (agreed or mine)
 
     def culprits(self, stopped: list[int]) -> tuple[list[int], str]:
@@ -305,3 +306,19 @@ def process_start(pid: int) -> int:
             return int(f.read().rpartition(")")[2].split()[19])
     except (OSError, ValueError, IndexError):
         return -1
+
+
+def call_with_timeout(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn() (a store call) in a thread of its own, waiting at most `seconds`: its result, or None (also
+    when it raised). The store may not answer: a node cut off, the process serving it gone."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except Exception:  # a store that is gone: the same as no answer
+            result.append(None)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return result[0] if result else None
