@@ -136,16 +136,17 @@ def assert_same_params(run: Path, reference: Path) -> None:
         f"the parameters of {run} are not bitwise equal to those of {reference}"
 
 
-def kick_requeued(env: dict, job_id: str, until, settle_s: float = 3) -> None:
+def kick_requeued(env: dict, job_id: str, until, settle_s: float = 3, run=subprocess.run) -> None:
     """Skip Slurm's 2-minute BeginTime delay after a requeue (from outside the job, as on a cluster),
     once the old incarnation has had `settle_s` seconds to clean up (a restart within ~0.2 s of the
-    requeue can hit "Job credential revoked" and fail the job)."""
+    requeue can hit "Job credential revoked" and fail the job). `run`: how a command reaches the
+    cluster (a login host's Host.run on separate hosts)."""
     pending_since = None
     while not until():
-        out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=env, capture_output=True, text=True).stdout
+        out = run(["scontrol", "show", "job", job_id, "-o"], env=env, capture_output=True, text=True).stdout
         if "JobState=PENDING" in out and "Reason=BeginTime" in out:
             pending_since = pending_since or time.monotonic()
             if time.monotonic() - pending_since >= settle_s:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
+                run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
                 pending_since = None
         time.sleep(0.5)
