@@ -43,7 +43,8 @@ class Config:
     overwrite: bool = field(default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"})
     profile_steps: str = field(default="", metadata={"help": "A-B: record torch.profiler traces of steps A to B (from 1) in RUN_DIR/profile/, one per rank"})
     profile_ranks: str = field(default="", metadata={"help": "with --profile-steps: the ranks to profile, e.g. 0,1 (default: all)"})
-    hang_timeout: float = field(default=300.0, metadata={"help": "seconds without progress on any rank, once training has started, after which every rank stops with exit code 76 (0: off); before the first step the 600 s start-up limit applies"})
+    hang_timeout: float = field(default=300.0, metadata={"help": "seconds without progress on any rank, once training has started, after which every rank stops with exit code 76 (0: off); before the first step --start-timeout applies"})
+    start_timeout: float = field(default=600.0, metadata={"help": "seconds the process group may take to form (every rank started and connected) before every rank stops in one line naming the ranks never seen (exit 1)"})
     # Weights & Biases (rank 0 only)
     wandb: str = field(default="auto", metadata={"help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)", "choices": ["auto", "online", "offline", "disabled"]})
     wandb_project: str = field(default="mnist-dist", metadata={"help": "W&B project"})
@@ -70,6 +71,8 @@ class Config:
             raise UsageError(f"--ckpt-every must be >= 0, got {self.ckpt_every}")
         if not 0 <= self.hang_timeout < float("inf") or 0 < self.hang_timeout < 1:
             raise UsageError(f"--hang-timeout must be 0 (off) or at least 1 second, got {self.hang_timeout}")
+        if not 1 <= self.start_timeout < float("inf"):
+            raise UsageError(f"--start-timeout must be at least 1 second, got {self.start_timeout}")
         step_range(self.profile_steps)  # the format; the run's length is checked once the data is loaded
         rank_list(self.profile_ranks)
         if self.exact:

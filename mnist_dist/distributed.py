@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -90,23 +91,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-STARTUP_TIMEOUT_S = 600  # rendezvous, download and W&B start-up: the limit before the first step
+def collective_timeout(start_timeout_s: float, hang_timeout_s: float) -> datetime.timedelta:
+    """The store's and the collectives' own timeout (NCCL's watchdog aborts at it; download, data load and
+    W&B start-up are bounded by it): the start-up limit, or longer than --hang-timeout, so that the hang
+    watchdog, which names the stuck rank, always speaks first."""
+    return datetime.timedelta(seconds=max(start_timeout_s, hang_timeout_s + 60))
 
 
-def startup_timeout(hang_timeout_s: float) -> datetime.timedelta:
-    """The collectives' own timeout (NCCL's watchdog aborts at it): the start-up limit, or longer than
-    --hang-timeout, so that the hang watchdog, which names the stuck rank, always speaks first."""
-    return datetime.timedelta(seconds=max(STARTUP_TIMEOUT_S, hang_timeout_s + 60))
-
-
-def connect(env: DistEnv, hang_timeout_s: float = 0) -> dist.Store:
+def connect(env: DistEnv, timeout: datetime.timedelta, start_timeout_s: float) -> dist.Store:
     """The job's rendezvous store (served by rank 0, or by torchrun's agent). Rank 0 does not wait here
-    for the others: the watchdog, which starts next, bounds that wait."""
-    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=startup_timeout(hang_timeout_s),
-                         is_master=env.rank == 0 and not env.agent_store, wait_for_workers=False)
+    for the others: the watchdog, which starts next, bounds that wait (--start-timeout)."""
+    serves = env.rank == 0 and not env.agent_store
+    if not serves:
+        await_store(env, start_timeout_s)
+    return dist.TCPStore(env.master_addr, env.master_port, env.world_size, timeout=timeout,
+                         is_master=serves, wait_for_workers=False)
 
 
-def init(env: DistEnv, store: dist.Store, device: torch.device, hang_timeout_s: float = 0) -> None:
+def await_store(env: DistEnv, within_s: float) -> None:
+    """Until the store's port takes a connection: a rank started before rank 0 waits for it; one whose
+    store never comes ends in one line at --start-timeout (TCPStore's own client would retry for twice
+    its timeout, printing C++ stack traces)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            socket.create_connection((env.master_addr, env.master_port), timeout=2).close()
+            return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise StartFailed(
+                    f"rank {env.rank} on {socket.gethostname()} could not reach the job's rendezvous store at "
+                    f"{env.master_addr}:{env.master_port} within {within_s:.0f} s (--start-timeout): "
+                    f"{err.strerror or err}; its server (rank 0, or torchrun's agent) never came up there: check "
+                    "MASTER_ADDR/MASTER_PORT and that rank 0 started") from None
+            time.sleep(0.5)
+
+
+def init(env: DistEnv, store: dist.Store, device: torch.device, timeout: datetime.timedelta) -> None:
     """Join the process group: nccl for GPUs, gloo for CPU. World size 1 takes the same path. Across
     hosts the sockets use the interface that reaches the other hosts (`choose_interface`). A failure
     here is a StartFailed, one line; the watchdog tells the other ranks."""
@@ -118,7 +139,7 @@ def init(env: DistEnv, store: dist.Store, device: torch.device, hang_timeout_s: 
         check_own_gpus(store, env.rank, env.world_size, device)
     try:
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
-                                timeout=startup_timeout(hang_timeout_s), device_id=device if device.type == "cuda" else None)
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
     except (RuntimeError, OSError) as err:  # gloo's and NCCL's connection errors (DistError is a RuntimeError)
         raise StartFailed(start_failure(err, env)) from None
 

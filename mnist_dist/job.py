@@ -32,9 +32,11 @@ class Job:
         """Join the process group, start the watchdog and the tracker, check every rank's flags against
         rank 0's, claim the run dir."""
         cfg, env = self.cfg, self.env
-        store = distributed.connect(env, cfg.hang_timeout)
-        self.watch = Watchdog(env, cfg.hang_timeout, cfg.run_dir)  # from here on, a failure reaches every rank
-        distributed.init(env, store, self.device, cfg.hang_timeout)
+        timeout = distributed.collective_timeout(cfg.start_timeout, cfg.hang_timeout)
+        store = distributed.connect(env, timeout, cfg.start_timeout)
+        # from here on, a failure reaches every rank
+        self.watch = Watchdog(env, cfg.hang_timeout, cfg.run_dir, start_timeout=cfg.start_timeout)
+        distributed.init(env, store, self.device, timeout)
         self.watch.formed()
         self.tracker = make_tracker(env.is_main, cfg)
         ranks = Ranks(env, self.device)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 from . import postmortem, progress
-from .distributed import DistEnv, host_identity, startup_timeout
+from .distributed import DistEnv, host_identity
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
 STORE_LOST_S = 10.0  # the store refusing us this long: the process that served it has gone
@@ -92,7 +92,7 @@ class Failure:
 
 
 class Watchdog:
-    def __init__(self, env: DistEnv, hang_timeout: float, run_dir: str | os.PathLike = "."):
+    def __init__(self, env: DistEnv, hang_timeout: float, run_dir: str | os.PathLike = ".", start_timeout: float = 600):
         self.rank, self.world_size, self.timeout = env.rank, env.world_size, hang_timeout
         self.agent_store = env.agent_store  # torchrun's agent serves the store (c10d rendezvous)
         self.run_dir = Path(run_dir)
@@ -112,7 +112,7 @@ class Watchdog:
         self.failure: Failure | None = None  # posted by a rank that failed
         self.hang_declared = False           # by another rank: follow it at once
         self.forming_since: float | None = now  # until the process group has formed (`formed`)
-        self.startup_limit = startup_timeout(hang_timeout).total_seconds()
+        self.startup_limit = start_timeout
         self.seen: set[int] = set()          # the ranks whose heartbeat has arrived at least once
         self.done = threading.Event()
         for target in (self.publish, self.judge):

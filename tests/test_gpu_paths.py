@@ -202,7 +202,9 @@ def test_a_restart_that_finds_no_checkpoint_a_round_before_saved_says_so(medium_
     (they were on a node that left): one warning line names the step and the host, then it starts over."""
     run = tmp_path / "run"
     proc = start_train(2, medium_data, run, "--batch-size", "8", "--epochs", "3", "--ckpt-every", "0", restarts=1)
-    wait_for(lambda: list((run / "checkpoints").glob("ckpt-*.pt")) or proc.poll() is not None, timeout=120,
+    # the save is complete once best.pt points at it and it is noted (not a folder removed mid-save)
+    wait_for(lambda: (run / "checkpoints" / "best.pt").exists() and (run / ".newest-checkpoint").exists()
+             or proc.poll() is not None, timeout=120,
              what="the first epoch's checkpoint")
     saved = sorted((run / "checkpoints").glob("ckpt-*.pt"))[-1]
     shutil.rmtree(run / "checkpoints")

@@ -156,6 +156,19 @@ def test_a_start_up_failure_ends_every_host_in_one_line_within_seconds(wrong, sm
     assert "on nodeA" in said or "on nodeB" in said
 
 
+@pytest.mark.parametrize("alone", [0, 1], ids=["rank-0-alone", "rank-1-alone"])
+def test_a_peer_that_never_comes_ends_the_other_at_the_start_up_limit(alone, small_data, tmp_path):
+    """Only one of two ranks starts (its peer's host never launched it): it ends at --start-timeout in
+    one line, rank 0 naming the rank it never saw, rank 1 the store it could not reach."""
+    cmd, env = plain(alone, "nodeA", "--data-dir", str(small_data), "--run-dir", "/tmp/run", "--start-timeout", "10")
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        [(code, _, err, took)] = finish([hosts[alone].start(cmd, env=env)], [hosts[alone]], timeout=60)
+    lines = one_line_errors(err)
+    assert code == 1 and 10 <= took < 40 and len(lines) == 1 and "Traceback" not in err, err
+    assert ("rank(s) [1] never reached the store at nodeA:" in lines[0] if alone == 0 else
+            "rank 1 on nodeB could not reach the job's rendezvous store at nodeA:" in lines[0]), lines[0]
+
+
 # --- 2b. two hosts with one hostname --------------------------------------------------------------
 def test_same_named_hosts_kill_nothing_on_the_wrong_host(medium_data, tmp_path):
     """Both hosts are called "node" and their pids overlap: host A runs a bystander with the very pid that

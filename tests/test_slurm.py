@@ -85,6 +85,15 @@ def test_bad_flag_fails_fast_and_is_not_requeued(slurm, tiny_data, tmp_path):
     assert "--lr must be a positive number" in log and "requeueing" not in log
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, medium_data, tmp_path_factory) -> Path:
+    """The run dir of one uninterrupted 2-task sbatch job: the model every interrupted job must end with."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    res = sbatch(slurm, tmp, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(tmp / "run"))
+    assert res.returncode == 0, res.stderr
+    return tmp / "run"
+
+
 def usr1_then_follow(slurm: dict, tmp: Path, job: str, proc: subprocess.Popen) -> str:
     """What Slurm's --signal=USR1@90 does near the time limit, USR1 to the job's steps; then the job's log
     once the requeued job finished (sbatch --wait may return at the requeue, so the log is followed)."""
@@ -97,27 +106,21 @@ def usr1_then_follow(slurm: dict, tmp: Path, job: str, proc: subprocess.Popen) -
     return log_of(tmp, job)
 
 
-def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, medium_data, tmp_path):
-    ref = tmp_path / "ref"
-    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
-    assert res.returncode == 0, res.stderr
+def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, uninterrupted, medium_data, tmp_path):
     run = tmp_path / "run"
     proc = sbatch(slurm, tmp_path, *FLAGS, wait=False, DATA_DIR=str(medium_data), RUN_DIR=str(run))
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
     log = usr1_then_follow(slurm, tmp_path, job, proc)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
-    assert_same_params(run, ref)  # the resumed job ends with the uninterrupted job's model
-    assert summary(run)["test_acc"] == summary(ref)["test_acc"]
+    assert_same_params(run, uninterrupted)  # the resumed job ends with the uninterrupted job's model
+    assert summary(run)["test_acc"] == summary(uninterrupted)["test_acc"]
 
 
-def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(slurm, medium_data, tmp_path):
+def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(slurm, uninterrupted, medium_data, tmp_path):
     """LAUNCHER=torchrun: one srun task per node, each a torchrun agent (c10d) with --signals-to-handle,
     on both slurmd nodes. USR1 to the job's steps (what --signal=USR1@90 sends) reaches the ranks through
     the agents: checkpoint, requeue, and the job finishes with the uninterrupted srun job's model."""
-    ref = tmp_path / "ref"
-    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
-    assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
     proc = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--", *FLAGS, wait=False,
                   DATA_DIR=str(medium_data), RUN_DIR=str(run), LAUNCHER="torchrun")
@@ -127,7 +130,7 @@ def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(sl
     log = usr1_then_follow(slurm, tmp_path, job, proc)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log, log[-3000:]
     assert "resuming at epoch 1" in log
-    assert_same_params(run, ref)
+    assert_same_params(run, uninterrupted)
 
 
 def task_pid(job: str, rank: int) -> int:
@@ -208,11 +211,8 @@ def test_exact_gives_one_process_bits_under_srun_and_submitit(slurm, tiny_data, 
     assert summary(srun_run)["test_loss"] == summary(one)["test_loss"]
 
 
-def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data, tmp_path):
+def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, uninterrupted, medium_data, tmp_path):
     """job._interrupt(): SIGTERM (bypassed) then USR2 to the tasks; checkpoint(), requeue, resume."""
-    ref = tmp_path / "ref"
-    res = sbatch(slurm, tmp_path, *FLAGS, DATA_DIR=str(medium_data), RUN_DIR=str(ref))
-    assert res.returncode == 0, res.stderr
     run = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "submitit_interrupt.py"
     res = subprocess.run([sys.executable, str(script), str(tmp_path / "sub" / "%j"), str(run), *FLAGS, "--data-dir",
@@ -220,8 +220,8 @@ def test_submitit_interrupt_checkpoints_requeues_and_resumes(slurm, medium_data,
     assert res.returncode == 0, res.stderr[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "sub").rglob("*_log.*"))
     assert "resuming at epoch 1" in logs
-    assert_same_params(run, ref)
-    assert float(res.stdout.split()[-1]) == summary(ref)["test_acc"]
+    assert_same_params(run, uninterrupted)
+    assert float(res.stdout.split()[-1]) == summary(uninterrupted)["test_acc"]
 
 
 def test_array_sweep_and_report(slurm, tiny_data, tmp_path):
