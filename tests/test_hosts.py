@@ -4,6 +4,7 @@ same-named hosts, a partition, a blip and elastic node loss. Skipped, with the r
 cannot be made."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -132,6 +133,23 @@ def test_a_host_name_on_127_0_1_1_just_works(loopback, subnet, small_data, tmp_p
         results = finish(procs, hosts, timeout=120)
     assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert "test accuracy" in results[0][1]
+
+
+def test_the_interface_chosen_for_gloo_and_nccl_is_the_one_routing_to_the_other_host(tmp_path):
+    """What the job sets before gloo or NCCL starts (no GPU here: NCCL reads the same variable): eth0 on
+    both hosts, whatever their names resolve to; a value the user set is kept; on one host, nothing."""
+    script = [sys.executable, str(Path(__file__).parent / "scripts" / "choose_interface.py")]
+    with Hosts(tmp_path, ["nodeA", "nodeB"], subnet="198.18.0", loopback_name=(0, 1)) as (a, b):
+        procs = [a.start([*script, "0", f"nodeA:{PORT}"], env=job_env()),
+                 b.start([*script, "1", f"nodeA:{PORT}", "NCCL_SOCKET_IFNAME=ib0"], env=job_env())]
+        (code_a, out_a, err_a, _), (code_b, out_b, err_b, _) = finish(procs, [a, b], timeout=60)
+        one_host = [a.start([*script, str(rank), f"127.0.0.1:{PORT + 1}"], env=job_env()) for rank in (0, 1)]
+        alone = finish(one_host, [a, a], timeout=60)
+    assert code_a == code_b == 0, err_a + err_b
+    assert json.loads(out_a) == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+    assert json.loads(out_b) == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "ib0"}  # the user's, kept
+    assert all(code == 0 and json.loads(out) == {"GLOO_SOCKET_IFNAME": None, "NCCL_SOCKET_IFNAME": None}
+               for code, out, _, _ in alone)
 
 
 @pytest.mark.parametrize("wrong", [0, 1], ids=["on-A", "on-B"])
