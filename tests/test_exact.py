@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,9 @@ def test_a_world_size_that_cannot_share_the_pieces_is_refused_on_every_rank(smal
     assert len(lines) == 1, res.stderr
     assert "8 pieces" in lines[0] and "3 ranks" in lines[0] and "1, 2, 4 or 8" in lines[0]
     assert res.stderr.count("Traceback") == 1 and "ChildFailedError" in res.stderr, "torchrun's own report only"
-    assert res.stderr.count(f"exitcode  : {EXIT_USAGE}") == 3, res.stderr[-2000:]
+    # each rank refuses on its own; torchrun ends the ranks still starting when the first exits (SIGTERM)
+    codes = [int(c) for c in re.findall(r"exitcode  : (-?\d+)", res.stderr)]
+    assert EXIT_USAGE in codes and set(codes) <= {EXIT_USAGE, -15}, res.stderr[-2000:]
     assert not list(run.glob("checkpoints/*.pt")) and not any("train_loss" in r for r in metrics(run))
 
 
