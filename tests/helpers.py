@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +151,20 @@ def kick_requeued(env: dict, job_id: str, until, settle_s: float = 3, run=subpro
                 run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
                 pending_since = None
         time.sleep(0.5)
+
+
+def slurm_log(folder: Path, job_id: str) -> str:
+    """A Slurm job's log, written by sbatch --output=FOLDER/%x-%j.out (appended across requeues)."""
+    return "".join(p.read_text() for p in Path(folder).glob(f"*-{job_id}.out"))
+
+
+def follow_requeued(env: dict, folder: Path, job_id: str, timeout: float = 300, run=subprocess.run) -> str:
+    """Follow a Slurm job through its requeues (started at once by kick_requeued) until its log says it
+    exited 0; the log. `run`: as for kick_requeued."""
+    finished = lambda: "] exit 0" in slurm_log(folder, job_id)  # noqa: E731
+    threading.Thread(target=kick_requeued, args=(env, job_id, finished), kwargs={"run": run}, daemon=True).start()
+    try:
+        wait_for(finished, timeout=timeout, what=f"job {job_id} to finish")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; its log:\n{slurm_log(folder, job_id)[-3000:]}") from None
+    return slurm_log(folder, job_id)

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_RUN, ROOT, assert_same_params, job_env, kick_requeued, metrics, run_train, summary, wait_for
+from helpers import (SMALL_RUN, ROOT, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary,
+                     wait_for)
 
 pytestmark = pytest.mark.slurm
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -53,17 +53,13 @@ def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch",
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def log_of(tmp: Path, job_id: str) -> str:
-    return "".join(p.read_text() for p in tmp.glob(f"*-{job_id}.out"))
-
-
 def test_sbatch_two_tasks_trains_with_world_size_two(slurm, tiny_data, tmp_path):
     run = tmp_path / "run"
     res = sbatch(slurm, tmp_path, "--no-verify-data", DATA_DIR=str(tiny_data), RUN_DIR=str(run), EPOCHS="1")
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip()
     assert summary(run)["world_size"] == 2 and summary(run)["epochs"] == 1
-    log = log_of(tmp_path, job)
+    log = slurm_log(tmp_path, job)
     assert "restart 0" in log and "exit 0" in log and "test accuracy" in log
     assert log.count("epoch 1/1") == 1, "only rank 0 prints progress"
 
@@ -74,14 +70,14 @@ def test_two_nodes(slurm, tiny_data, tmp_path):
     res = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--", "--no-verify-data", DATA_DIR=str(tiny_data),
                  RUN_DIR=str(run), EPOCHS="1")
     assert res.returncode == 0, res.stderr
-    assert "on n[1-2]" in log_of(tmp_path, res.stdout.strip())
+    assert "on n[1-2]" in slurm_log(tmp_path, res.stdout.strip())
     assert summary(run)["world_size"] == 2
 
 
 def test_bad_flag_fails_fast_and_is_not_requeued(slurm, tiny_data, tmp_path):
     res = sbatch(slurm, tmp_path, "--lr", "-1", DATA_DIR=str(tiny_data), RUN_DIR=str(tmp_path / "run"))
     assert res.returncode == 2
-    log = log_of(tmp_path, res.stdout.strip())
+    log = slurm_log(tmp_path, res.stdout.strip())
     assert "--lr must be a positive number" in log and "requeueing" not in log
 
 
@@ -98,12 +94,9 @@ def usr1_then_follow(slurm: dict, tmp: Path, job: str, proc: subprocess.Popen) -
     """What Slurm's --signal=USR1@90 does near the time limit, USR1 to the job's steps; then the job's log
     once the requeued job finished (sbatch --wait may return at the requeue, so the log is followed)."""
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
-    finished = lambda: "] exit 0" in log_of(tmp, job)  # noqa: E731
-    kicker = threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True)
-    kicker.start()
-    wait_for(finished, timeout=300, what="the requeued job to finish")
+    log = follow_requeued(slurm, tmp, job)
     proc.kill()
-    return log_of(tmp, job)
+    return log
 
 
 def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, uninterrupted, medium_data, tmp_path):
@@ -125,7 +118,7 @@ def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(sl
     proc = sbatch(slurm, tmp_path, "--nodes=2", "--ntasks-per-node=1", "--", *FLAGS, wait=False,
                   DATA_DIR=str(medium_data), RUN_DIR=str(run), LAUNCHER="torchrun")
     job = proc.stdout.readline().strip()
-    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)) or "] exit" in log_of(tmp_path, job),
+    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)) or "] exit" in slurm_log(tmp_path, job),
              what="step 100")
     log = usr1_then_follow(slurm, tmp_path, job, proc)
     assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log, log[-3000:]
@@ -159,10 +152,7 @@ def hang_a_task(slurm: dict, tmp: Path, data: Path, run: Path, **knobs: str) -> 
 def test_a_hung_task_is_requeued_and_the_job_finishes(slurm, medium_data, tmp_path):
     run = tmp_path / "run"
     job = hang_a_task(slurm, tmp_path, medium_data, run)
-    finished = lambda: "] exit 0" in log_of(tmp_path, job)  # noqa: E731
-    threading.Thread(target=kick_requeued, args=(slurm, job, finished), daemon=True).start()
-    wait_for(finished, timeout=300, what="the requeued job to finish")
-    log = log_of(tmp_path, job)
+    log = follow_requeued(slurm, tmp_path, job)
     assert "no progress on any rank for" in log and "waiting for rank 1 (pid" in log
     assert "a rank hung: requeueing job" in log and "(hang requeue 1 of 3)" in log
     assert "restart 1" in log and "resuming at epoch" in log
@@ -172,8 +162,8 @@ def test_a_hung_task_is_requeued_and_the_job_finishes(slurm, medium_data, tmp_pa
 def test_a_job_that_keeps_hanging_is_not_requeued_forever(slurm, medium_data, tmp_path):
     run = tmp_path / "run"
     job = hang_a_task(slurm, tmp_path, medium_data, run, HANG_REQUEUES="0")
-    wait_for(lambda: "] exit" in log_of(tmp_path, job), timeout=120, what="the job to end")
-    log = log_of(tmp_path, job)
+    wait_for(lambda: "] exit" in slurm_log(tmp_path, job), timeout=120, what="the job to end")
+    log = slurm_log(tmp_path, job)
     assert "not requeueing (HANG_REQUEUES=0" in log and "] exit 76" in log and "restart 1" not in log
 
 

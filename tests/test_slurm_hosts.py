@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import hosts as hosts_mod
-from helpers import ROOT, SMALL_RUN, assert_same_params, job_env, kick_requeued, metrics, run_train, summary, wait_for
+from helpers import (ROOT, SMALL_RUN, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary,
+                     wait_for)
 from hosts import Host, Hosts
 
 WHY_NOT = hosts_mod.unavailable()
@@ -66,25 +66,16 @@ def cluster(tmp_path_factory):
 
 def submit(cluster: Cluster, tmp: Path, data: Path, run: Path) -> str:
     """sbatch --nodes=2 --ntasks-per-node=1 slurm/train.sbatch FLAGS, on the login host; the job id."""
-    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp}/%j.out", "--nodes=2", "--ntasks-per-node=1",
+    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={tmp}/%x-%j.out", "--nodes=2", "--ntasks-per-node=1",
            str(ROOT / "slurm" / "train.sbatch"), *FLAGS]
     res = cluster.head.run(cmd, env={**cluster.env, "DATA_DIR": str(data), "RUN_DIR": str(run)})
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
 
-def log_of(tmp: Path, job: str) -> str:
-    path = tmp / f"{job}.out"
-    return path.read_text() if path.exists() else ""
-
-
-def follow(cluster: Cluster, tmp: Path, job: str, timeout: float = 240) -> str:
-    """The job's log once it finished, its requeues started at once (tests/helpers.kick_requeued)."""
-    finished = lambda: "] exit 0" in log_of(tmp, job)  # noqa: E731
-    threading.Thread(target=kick_requeued, args=(cluster.env, job, finished), kwargs={"run": cluster.head.run},
-                     daemon=True).start()
-    wait_for(finished, timeout=timeout, what=f"job {job} to finish:\n{log_of(tmp, job)[-3000:]}")
-    return log_of(tmp, job)
+def follow(cluster: Cluster, tmp: Path, job: str) -> str:
+    """The job's log once it finished, its requeues started at once from the login host."""
+    return follow_requeued(cluster.env, tmp, job, timeout=240, run=cluster.head.run)
 
 
 def past_step_100(run: Path) -> None:
@@ -143,7 +134,7 @@ def test_a_node_cut_off_ends_the_job_in_bounded_time_and_the_requeue_finishes_af
     node2.cut()
     cut = time.monotonic()
     try:
-        wait_for(lambda: "srun: error: node1: task 0: Exited with exit code 76" in log_of(tmp_path, job), timeout=bound,
+        wait_for(lambda: "srun: error: node1: task 0: Exited with exit code 76" in slurm_log(tmp_path, job), timeout=bound,
                  what="rank 0 on node1 to end")
         rank0_s = time.monotonic() - cut
         wait_for(lambda: not ranks_on(node2), timeout=bound - rank0_s, what="rank 1 on node2 to end by itself")
@@ -153,7 +144,7 @@ def test_a_node_cut_off_ends_the_job_in_bounded_time_and_the_requeue_finishes_af
     finally:
         node2.mend()
     mended = time.monotonic()
-    log = log_of(tmp_path, job)
+    log = slurm_log(tmp_path, job)
     assert log.count("mnist-dist: error: no progress on any rank for") == 1 and "its network cut" in log, log
     assert "Traceback" not in log
     # rank 1's line cannot reach srun through the cut; its own post-mortem shows its watchdog ended it

@@ -14,6 +14,7 @@
 set -euo pipefail
 cmd=${1:?start|stop|install|hosts-conf|daemon|wait-idle}
 HOSTS_TAG="# mnist-dist test cluster ${2:-}"
+
 install() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null && return
     local policy=/usr/sbin/policy-rc.d made=""
