@@ -59,7 +59,7 @@ def main() -> None:
                 run = tmp / f"first{i}"
                 t0 = time.perf_counter()
                 sbatch(env, tmp, run, data, "--epochs", "1", "--log-every", "1")
-                starts.append(poll(lambda: len(records(run)) > 0) - t0)
+                starts.append(poll(lambda run=run: len(records(run)) > 0) - t0)
             run = tmp / "preempt"
             job = sbatch(env, tmp, run, data, "--epochs", "2", "--log-every", "10")
             poll(lambda: any(r["step"] >= 300 for r in records(run)))

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(args)
     with executor.batch():  # one Slurm job array
         jobs = [executor.submit(TrainJob(a)) for a in jobs_argv]
-    for job, argv_ in zip(jobs, jobs_argv):
+    for job, argv_ in zip(jobs, jobs_argv, strict=True):
         print(f"job {job.job_id}: {argv_[argv_.index('--run-dir') + 1]}")
     if args.wait:
         for job in jobs:

@@ -18,7 +18,8 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -74,7 +75,7 @@ class TrainState:
                 "epoch_tally": list(dataclasses.astuple(self.epoch_tally)), "metrics": list(self.metrics)}
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict) -> "TrainState":
+    def from_checkpoint(cls, ckpt: dict) -> TrainState:
         values = {f.name: ckpt[f.name] for f in dataclasses.fields(cls)}
         return cls(**{**values, "epoch_tally": EpochTally(*values["epoch_tally"]), "metrics": list(values["metrics"])})
 

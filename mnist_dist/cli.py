@@ -63,7 +63,7 @@ def cmd_predict(argv: list[str]) -> int:
     from . import inference
 
     model, _ = inference.load_model(args.checkpoint)
-    for path, found in zip(args.images, inference.predict(model, args.images, args.invert)):
+    for path, found in zip(args.images, inference.predict(model, args.images, args.invert), strict=True):
         print(f"{path}\t{found[0]}\t{found[1]:.3f}" if found else f"{path}\t-\tno digit found (the image is blank)")
     return 0
 

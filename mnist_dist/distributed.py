@@ -18,7 +18,8 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist

@@ -26,7 +26,7 @@ other models go through autograd, one piece at a time.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ class ExactStep:
                 level = level[0::2] + level[1::2]
             torch.add(level[0], level[1], out=self.total)
         gradients, loss, stats = self.result
-        for p, g in zip(self.params, gradients):
+        for p, g in zip(self.params, gradients, strict=True):
             p.grad = g
         self.move_norms(stats)
         return loss[0].clone(), torch.cat(logits)
@@ -81,7 +81,7 @@ class ExactStep:
     def move_norms(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The running statistics, once per step, by the pieces' mean statistics (as batch norm would move
         them by one batch's)."""
-        for norm, (mean, var) in zip(self.norms, stats):
+        for norm, (mean, var) in zip(self.norms, stats, strict=True):
             m = norm.momentum
             norm.running_mean.mul_(1 - m).add_(mean, alpha=m)
             norm.running_var.mul_(1 - m).add_(var, alpha=m)
@@ -90,9 +90,9 @@ class ExactStep:
     def unpack(self, row: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """A row's gradients (shaped as the parameters), loss and (mean, variance) of each norm."""
         parts = list(row.split(self.sizes))
-        grads = [part.view_as(p) for part, p in zip(parts, self.params)]
+        grads = [part.view_as(p) for part, p in zip(parts, self.params, strict=True)]
         stats = parts[len(self.params) + 1:]
-        return grads, parts[len(self.params)], list(zip(stats[0::2], stats[1::2]))
+        return grads, parts[len(self.params)], list(zip(stats[0::2], stats[1::2], strict=True))
 
 
 @contextlib.contextmanager
@@ -142,7 +142,7 @@ class AutogradTerms:
 
     def sum(self, x: torch.Tensor, y: torch.Tensor, step: int) -> list[torch.Tensor]:
         """This rank's pieces' sum into the step's root; returns the pieces' logits."""
-        s, logits, pieces = self.step, [], list(zip(x.split(self.step.piece), y.split(self.step.piece)))
+        s, logits, pieces = self.step, [], list(zip(x.split(self.step.piece), y.split(self.step.piece), strict=True))
 
         def term(q: int, i: int) -> None:
             x, y = pieces[q]
@@ -152,7 +152,7 @@ class AutogradTerms:
             z = self.model(x)
             piece_loss = F.cross_entropy(z, y, reduction="sum") * s.per_sample
             with torch.no_grad():
-                for view, g in zip(grads, torch.autograd.grad(piece_loss, s.params)):
+                for view, g in zip(grads, torch.autograd.grad(piece_loss, s.params), strict=True):
                     view.copy_(g)
                 loss.copy_(piece_loss)
             logits.append(z.detach())
@@ -195,13 +195,13 @@ class MLPTerms:
         """This rank's pieces' sum into the step's root; returns the pieces' logits."""
         s, w2 = self.step, self.w2t.t()
         (_, b1, _, b2), acts = s.params, []
-        for x, target in zip(x.flatten(1).split(s.piece), self.targets.index_select(0, y).split(s.piece)):
-            h = torch.addmm(b1, x, self.w1t).relu_()
+        for xp, target in zip(x.flatten(1).split(s.piece), self.targets.index_select(0, y).split(s.piece), strict=True):
+            h = torch.addmm(b1, xp, self.w1t).relu_()
             z = torch.addmm(b2, h, self.w2t)
             logp = z.log_softmax(1)
             dz = logp.exp().mul_(s.per_sample).add_(target)        # d(loss)/d(logits): (softmax - one-hot) / B
             dh = torch.ops.aten.threshold_backward(dz @ w2, h, 0)  # through the ReLU
-            acts.append((x, h, z, logp.mul_(target), dz, dh, dh.t().split(self.BLOCK)))
+            acts.append((xp, h, z, logp.mul_(target), dz, dh, dh.t().split(self.BLOCK)))
 
         def rest(q: int, i: int) -> None:
             _, h, _, losses, dz, dh, _ = acts[q]  # losses: -log p(label) / B at each label
@@ -212,7 +212,7 @@ class MLPTerms:
             torch.sum(losses, (0, 1), out=loss)
         tree_sum(rest, len(acts), self.rest)
         for b, levels in enumerate(self.blocks):
-            def w1_block(q: int, i: int) -> None:
+            def w1_block(q: int, i: int, b: int = b, levels: list = levels) -> None:
                 torch.mm(acts[q][-1][b], acts[q][0], out=levels[i])
             tree_sum(w1_block, len(acts), levels)
         return [a[2] for a in acts]

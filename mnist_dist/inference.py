@@ -96,7 +96,7 @@ def predict(model: nn.Module, images: list[str], invert: bool | None = None) -> 
     best = probs.max(dim=1)
     blank = (batch * data.STD + data.MEAN).flatten(1).max(dim=1).values < INK
     return [None if empty else (digit, prob)
-            for empty, digit, prob in zip(blank.tolist(), best.indices.tolist(), best.values.tolist())]
+            for empty, digit, prob in zip(blank.tolist(), best.indices.tolist(), best.values.tolist(), strict=True)]
 
 
 def export(path: str, out: str) -> dict:

@@ -4,7 +4,7 @@ tracker, and the one failure policy (`Job.running`). Used by `train.train`.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.distributed as dist
 
@@ -46,7 +46,7 @@ class Job:
         return ranks
 
     @contextlib.contextmanager
-    def running(self) -> Iterator["Job"]:
+    def running(self) -> Iterator[Job]:
         """The failure policy, for every error that leaves training:
         - raised by every rank at the same point (a failed check, a NaN loss, a stop signal: decided in a
           collective): each node's first rank says it, and every rank waits until it is said (a launcher kills the

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import warn
 

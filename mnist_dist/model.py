@@ -45,7 +45,8 @@ def check_fits(name: str, hidden: int, device: torch.device) -> None:
         free = torch.cuda.mem_get_info(device)[0]
     else:
         try:
-            meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+            with open("/proc/meminfo") as lines:
+                meminfo = dict(line.split(":", 1) for line in lines)
             free = int(meminfo["MemAvailable"].split()[0]) * 1024
         except (OSError, KeyError, ValueError):
             return  # no way to know here: the allocation itself will say

@@ -41,7 +41,7 @@ def recaption_grid(fig: Figure, preds, labels, title: str = "predicted / true") 
     """New predictions for the same digits: rewrites the captions of a `prediction_grid` figure in place
     (the W&B mirror redraws one grid after every evaluation, cheaper than building it anew)."""
     ax = fig.axes[0]
-    for text, p, t in zip(ax.texts, preds, labels):
+    for text, p, t in zip(ax.texts, preds, labels, strict=True):
         text.set_text(f"{int(p)} / {int(t)}")
         text.set_color(RIGHT if p == t else WRONG)
     ax.set_title(f"{title}   (red: wrong)", fontsize=10)
@@ -71,7 +71,7 @@ def refill_confusion_matrix(fig: Figure, counts, title: str = "confusion matrix"
     share = counts / counts.sum(1, keepdims=True).clip(min=1)
     ax = fig.axes[0]
     ax.images[0].set_data(share)
-    for text, count, shade in zip(ax.texts, counts.flat, share.flat):  # row-major, as created
+    for text, count, shade in zip(ax.texts, counts.flat, share.flat, strict=True):  # row-major, as created
         text.set_text(str(count) if count else "")
         text.set_color("white" if shade > 0.5 else "black")
     acc = np.trace(counts) / max(counts.sum(), 1)
@@ -86,13 +86,13 @@ def curves(history: list[dict]) -> Figure:
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     if steps:
-        left.plot(*zip(*steps), lw=1)
+        left.plot(*zip(*steps, strict=True), lw=1)
     left.set_xlabel("step")
     left.set_ylabel("train loss")
     left.set_yscale("log")
     left.set_title("training loss")
     if evals:
-        x, acc, epochs = zip(*evals)
+        x, acc, epochs = zip(*evals, strict=True)
         right.plot(x, [a * 100 for a in acc], marker="o")
         for xi, a, e in evals:
             right.annotate(f"epoch {e}", (xi, a * 100), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
@@ -106,7 +106,7 @@ def sweep_plot(rows: list[dict], keys: list[str]) -> Figure:
     """Test accuracy against each swept value (one panel per swept setting)."""
     fig = Figure(figsize=(4.2 * max(len(keys), 1), 3.6), layout="constrained")
     axes = fig.subplots(1, max(len(keys), 1), squeeze=False)[0]
-    for ax, key in zip(axes, keys):
+    for ax, key in zip(axes, keys, strict=False):  # one empty panel when there are no keys
         values = sorted({r[key] for r in rows})
         positions = {v: i for i, v in enumerate(values)}
         ax.scatter([positions[r[key]] for r in rows], [r["test_acc"] * 100 for r in rows])

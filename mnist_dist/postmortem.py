@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 from . import progress
 from .errors import UsageError

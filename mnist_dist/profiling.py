@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,7 +34,7 @@ class StepProfiler:
 
     @classmethod
     def wanted(cls, cfg: Config, env: DistEnv, total_steps: int, device: torch.device,
-               say: Callable[..., None]) -> "StepProfiler | None":
+               say: Callable[..., None]) -> StepProfiler | None:
         """This rank's profiler, if --profile-steps asks for one here; every rank checks the range alike."""
         steps = step_range(cfg.profile_steps)
         if steps is None:

@@ -27,7 +27,7 @@ class StopFlag:
         self.signum = 0
         self.previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():  # handlers only install there
             for sig in stop_signals():
                 self.previous[sig] = signal.signal(sig, self._handle)

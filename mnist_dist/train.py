@@ -179,7 +179,7 @@ class Trainer:
         """The sync point: one all_reduce carries the interval's losses, right answers and stop flags.
         Logs the interval; returns whether any rank got a stop signal."""
         progress.enter("sync point")
-        losses, logits, labels = zip(*self.pending)
+        losses, logits, labels = zip(*self.pending, strict=True)
         labels = torch.cat(labels)
         samples = len(labels) * self.env.world_size
         right = (torch.cat(logits).argmax(1) == labels).sum().float()

@@ -87,11 +87,10 @@ class MirrorProcess:
             self.lines.put(json.dumps({kind: payload}).encode() + b"\n")
 
     def _write(self) -> None:
-        with contextlib.suppress(OSError):  # the child has gone (it said why)
-            with self.proc.stdin:
-                while (line := self.lines.get()) is not None:
-                    self.proc.stdin.write(line)
-                    self.proc.stdin.flush()
+        with contextlib.suppress(OSError), self.proc.stdin:  # OSError: the child has gone (it said why)
+            while (line := self.lines.get()) is not None:
+                self.proc.stdin.write(line)
+                self.proc.stdin.flush()
 
     def close(self, finish: dict) -> None:
         """Let the child finish the W&B run with `finish` (or stop it at once if no run was started)."""

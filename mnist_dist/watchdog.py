@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -56,7 +57,7 @@ class Heartbeat:
         return f"{self.count} {self.progress} {self.step} {self.host} {self.pid} {self.ident} {self.started}"
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Heartbeat":
+    def decode(cls, raw: bytes) -> Heartbeat:
         count, units, step, host, pid, ident, started = raw.decode().split()
         return cls(int(count), int(units), int(step), host, int(pid), ident, int(started))
 
@@ -82,7 +83,7 @@ class Failure:
         return f"{self.code} {self.rank} {self.reason}"
 
     @classmethod
-    def decode(cls, text: str) -> "Failure":
+    def decode(cls, text: str) -> Failure:
         code, rank, reason = text.split(" ", 2)
         return cls(int(code), int(rank), reason)
 

@@ -17,7 +17,7 @@ import contextlib
 import runpy
 import sys
 from types import SimpleNamespace
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

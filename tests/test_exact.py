@@ -211,7 +211,7 @@ def test_the_written_out_mlp_gradient_is_autograds():
     reference.backward()
     assert torch.allclose(loss, reference, rtol=1e-6)
     assert torch.allclose(logits, net(x), atol=1e-6)
-    for g, p in zip(exact, net.parameters()):
+    for g, p in zip(exact, net.parameters(), strict=True):
         assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7)
 
 
@@ -229,10 +229,10 @@ def test_the_cnn_step_is_the_mean_of_the_pieces_gradients_with_batch_norm_per_pi
     assert norm.num_batches_tracked.item() == 1 and not torch.equal(norm.running_mean, before)
     exact = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    per_piece = sum(F.cross_entropy(net(xp), yp) for xp, yp in zip(x.split(2), y.split(2))) / 8
+    per_piece = sum(F.cross_entropy(net(xp), yp) for xp, yp in zip(x.split(2), y.split(2), strict=True)) / 8
     per_piece.backward()
     assert torch.allclose(loss, per_piece, rtol=1e-5)
-    for g, p in zip(exact, net.parameters()):
+    for g, p in zip(exact, net.parameters(), strict=True):
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -256,7 +256,7 @@ def test_dropout_masks_belong_to_the_sample_not_the_rank():
     assert not torch.equal(keyed_uniform(5, 8, torch.arange(16), 3136), u)    # the next step
     assert not torch.equal(keyed_uniform(6, 7, torch.arange(16), 3136), u)    # another seed
     keep = (u >= 0.25).float().mean().item()
-    assert 0.74 < keep < 0.76 and 0 <= u.min() and u.max() < 1
+    assert 0.74 < keep < 0.76 and u.min() >= 0 and u.max() < 1
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])

@@ -45,7 +45,7 @@ def finish(procs: list[subprocess.Popen], hosts: list[Host], timeout: float) -> 
     """Wait for every node's command: (exit code, stdout, stderr, seconds from now) each; on a timeout every
     process on the hosts is killed and the test fails."""
     start, results = time.monotonic(), []
-    for proc, host in zip(procs, hosts):
+    for proc, host in zip(procs, hosts, strict=False):  # hosts may outnumber procs: all are killed on a timeout
         try:
             out, err = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:

@@ -78,8 +78,8 @@ def test_predict_reads_real_test_digits_from_png(real_run, tmp_path):
     assert [r[0] for r in rows] == paths
     got = [int(r[1]) for r in rows]
     assert all(0.0 <= float(r[2]) <= 1.0 for r in rows)
-    plain_right = sum(g == y for g, y in zip(got[0::2], labels[0::2]))
-    paper_right = sum(g == y for g, y in zip(got[1::2], labels[1::2]))
+    plain_right = sum(g == y for g, y in zip(got[0::2], labels[0::2], strict=True))
+    paper_right = sum(g == y for g, y in zip(got[1::2], labels[1::2], strict=True))
     assert plain_right >= 19, (got, labels)
     assert paper_right >= 17, (got, labels)
 

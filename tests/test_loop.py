@@ -108,7 +108,7 @@ def test_the_training_state_round_trips_through_a_checkpoint_file(tmp_path):
     other = build("mlp", 16)
     other_opt = make_adam(other, 1e-3)
     checkpoint.restore(loaded, other, other_opt, torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
     assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert torch.equal(torch.rand(3), drawn), "the random generators continue where they were saved"
     assert (tmp_path / "best.pt").samefile(path)

@@ -25,12 +25,12 @@ FLAGS = ["--epochs", "2", *SMALL_RUN, "--no-verify-data"]
 def slurm(tmp_path_factory):
     """Start the cluster for this module; stop exactly its daemons afterwards, pass or fail."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        warnings.warn("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
+        warnings.warn("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm", stacklevel=2)
         pytest.skip("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
     folder = Path(f"/tmp/slurm-{os.getpid()}")  # short: munge's socket path must stay under 108 bytes
     start = subprocess.run([str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=600)
     if start.returncode != 0 and not shutil.which("slurmctld"):
-        warnings.warn(f"SLURM TESTS SKIPPED: Slurm could not be installed: {start.stderr[-500:]}")
+        warnings.warn(f"SLURM TESTS SKIPPED: Slurm could not be installed: {start.stderr[-500:]}", stacklevel=2)
         pytest.skip(f"SLURM TESTS SKIPPED: Slurm could not be installed: {start.stderr[-500:]}")
     try:
         assert start.returncode == 0, start.stderr

@@ -48,7 +48,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     if os.geteuid() != 0 or not (shutil.which("slurmctld") or shutil.which("apt-get")):
-        warnings.warn("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
+        warnings.warn("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm", stacklevel=2)
         pytest.skip("SLURM TESTS SKIPPED: need root and apt-get to install slurm-wlm")
     folder = tmp_path_factory.mktemp("slurm-hosts")
     with Hosts(folder, ["head", "node1", "node2"]) as (head, *nodes):

@@ -121,10 +121,10 @@ def test_optim_step_is_adam_step_bit_for_bit(model_name):
             opt.load_state_dict(torch.load(saved, weights_only=True))
             for o in (opt, ref_opt):
                 o.param_groups[0]["lr"] = 7e-4
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
-    for a, b in zip(opt.state.values(), ref_opt.state.values()):
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters(), strict=True))
+    for a, b in zip(opt.state.values(), ref_opt.state.values(), strict=True):
         assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
-    assert not any(torch.equal(a, b) for a, b in zip(ours.parameters(), start)), "it trained"
+    assert not any(torch.equal(a, b) for a, b in zip(ours.parameters(), start, strict=True)), "it trained"
 
 
 def test_a_dead_rank_ends_the_job_promptly(medium_data, tmp_path):

@@ -18,7 +18,7 @@ def small_disk(tmp_path):
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
-        warnings.warn(f"FULL-DISK TESTS SKIPPED: cannot mount a tmpfs here ({res.stderr.strip()})")
+        warnings.warn(f"FULL-DISK TESTS SKIPPED: cannot mount a tmpfs here ({res.stderr.strip()})", stacklevel=2)
         pytest.skip(f"FULL-DISK TESTS SKIPPED: cannot mount a tmpfs here ({res.stderr.strip()})")
     try:
         yield mnt
