@@ -37,8 +37,22 @@ def env_for(device: str, base: dict = ENV) -> dict:
 
 
 def our_cmd(nproc: int, data_dir: str, run_dir: Path, device: str, *extra: str) -> list[str]:
-    flags = ["--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite", "--device", device, *extra]
-    return [sys.executable, "-m", "mnist_dist.train", *flags] if nproc == 1 else torchrun(nproc, "-m", "mnist_dist.train", *flags)
+    flags = [
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        str(run_dir),
+        "--no-resume",
+        "--overwrite",
+        "--device",
+        device,
+        *extra,
+    ]
+    return (
+        [sys.executable, "-m", "mnist_dist.train", *flags]
+        if nproc == 1
+        else torchrun(nproc, "-m", "mnist_dist.train", *flags)
+    )
 
 
 def conventional_cmd(nproc: int, data_dir: str, epochs: int, device: str) -> list[str]:
@@ -66,11 +80,15 @@ EXACT_CASES = {  # --exact-models name: (label, flags of both modes, flags of --
 }
 
 
-def exact_vs_default(nprocs: list[int], cases: list[str], repeats: int, data_dir: str, tmp: Path, device: str) -> list[str]:
+def exact_vs_default(
+    nprocs: list[int], cases: list[str], repeats: int, data_dir: str, tmp: Path, device: str
+) -> list[str]:
     """The table's lines: per case and world size, the default mode's and --exact's best epoch (runs
     alternate), the ratio, both test accuracies and --exact's fingerprint (the same on every line of a case)."""
-    lines = ["| model | ranks | default epoch | --exact epoch | ratio | test acc default / --exact | --exact fingerprint |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | ranks | default epoch | --exact epoch | ratio | test acc default / --exact | --exact fingerprint |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in cases:
         label, flags, exact_flags = EXACT_CASES[case]
         for nproc in nprocs:
@@ -85,8 +103,14 @@ def exact_vs_default(nprocs: list[int], cases: list[str], repeats: int, data_dir
 
 
 def conventional(nproc: int, data_dir: str, epochs: int, device: str) -> dict:
-    out = subprocess.run(conventional_cmd(nproc, data_dir, epochs, device), cwd=ROOT,
-                         env=env_for(device, {**ENV, "PYTHONPATH": str(ROOT)}), check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        conventional_cmd(nproc, data_dir, epochs, device),
+        cwd=ROOT,
+        env=env_for(device, {**ENV, "PYTHONPATH": str(ROOT)}),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,15 +151,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines run")
     p.add_argument("--nprocs", default="1,2", help="world sizes to time (on GPUs: at most the GPUs)")
-    p.add_argument("--exact-models", default="mlp,mlp8", help="what to time with and without --exact: mlp, mlp8 (--pieces 8), cnn ('' for none)")
-    p.add_argument("--exact-only", action="store_true", help="only the --exact lines, not the comparison with the conventional pipeline")
+    p.add_argument(
+        "--exact-models",
+        default="mlp,mlp8",
+        help="what to time with and without --exact: mlp, mlp8 (--pieces 8), cnn ('' for none)",
+    )
+    p.add_argument(
+        "--exact-only",
+        action="store_true",
+        help="only the --exact lines, not the comparison with the conventional pipeline",
+    )
     args = p.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if not args.exact_only:
             versus_conventional(args, Path(tmp))
-        exact = exact_vs_default([int(n) for n in args.nprocs.split(",")], [m for m in args.exact_models.split(",") if m],
-                                 args.repeats, args.data_dir, Path(tmp), args.device)
+        exact = exact_vs_default(
+            [int(n) for n in args.nprocs.split(",")],
+            [m for m in args.exact_models.split(",") if m],
+            args.repeats,
+            args.data_dir,
+            Path(tmp),
+            args.device,
+        )
     print("\n" + "\n".join(exact))
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")
 
@@ -153,7 +191,10 @@ def versus_conventional(args: argparse.Namespace, tmp: Path) -> None:
     with_wandb = [ours(1, args.data_dir, tmp / f"wandb{i}", args.device, env=default_env) for i in range(args.repeats)]
     save_ms, load_ms = checkpoint_ms(tmp / "ours1")
     stop_s = signal_to_exit_s(args.data_dir, tmp / "stop", args.device)
-    print("| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% | test acc | peak RSS/rank |")
+    print(
+        "| ranks | mnist-dist epoch | conventional epoch | speed-up | default run wall (W&B off) | time to 97% "
+        "| test acc | peak RSS/rank |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     best = []
     for nproc, runs, convs in rows:
@@ -173,9 +214,12 @@ def versus_conventional(args: argparse.Namespace, tmp: Path) -> None:
           f"samples/s ({args.device}).", end="")
     if len(best) > 1 and "shm_average_ms" in best[1][1]:
         step_ms, raw = best[1][0]["epoch_s"] / steps * 1e3, best[1][1]
-        print(f" 2 ranks: {step_ms:.2f} ms a step. Raw exchange of the {raw['params']:,} gradient floats: mnist-dist's "
-              f"shared-memory average {raw['shm_average_ms']:.3f} ms ({raw['shm_average_ms'] / step_ms:.0%} of the "
-              f"step), gloo's all_reduce {raw['allreduce_ms']:.2f} ms ({raw['allreduce_ms'] / step_ms:.0%} of the step).", end="")
+        print(
+            f" 2 ranks: {step_ms:.2f} ms a step. Raw exchange of the {raw['params']:,} gradient floats: mnist-dist's "
+            f"shared-memory average {raw['shm_average_ms']:.3f} ms ({raw['shm_average_ms'] / step_ms:.0%} of the "
+            f"step), gloo's all_reduce {raw['allreduce_ms']:.2f} ms ({raw['allreduce_ms'] / step_ms:.0%} of the step).",
+            end="",
+        )
     print()
     walls = " / ".join(f"{o['wall_s']:.1f}" for o in with_wandb)
     print(f"1 process, default W&B mode (auto: offline here, with images each epoch), run by run: {walls} s wall, "

@@ -50,7 +50,12 @@ def main() -> None:
     data = str(Path(args.data_dir).resolve())
     folder = Path(f"/tmp/slb-{os.getpid()}")
     subprocess.run([str(CLUSTER), "start", str(folder)], check=True, capture_output=True)
-    env = {**os.environ, "SLURM_CONF": str(folder / "etc" / "slurm.conf"), "PYTHON": sys.executable, "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(folder / "etc" / "slurm.conf"),
+        "PYTHON": sys.executable,
+        "WANDB_MODE": "disabled",
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -72,7 +77,9 @@ def main() -> None:
             pending = []
 
             def resumed() -> bool:
-                out = subprocess.run(["scontrol", "show", "job", job, "-o"], env=env, capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    ["scontrol", "show", "job", job, "-o"], env=env, capture_output=True, text=True
+                ).stdout
                 if "JobState=PENDING" in out and "Reason=BeginTime" in out:
                     pending.append(time.monotonic())
                     if pending[-1] - pending[0] >= SETTLE_S:  # let the old incarnation clean up first

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     sweep_dir = Path(args.sweep_dir).resolve()
     try:
-        jobs_argv = [[*shared, *point_flags(p), "--run-dir", str(sweep_dir / point_name(p)), "--wandb-group", sweep_dir.name]
-                     for p in expand(args.grid)]
+        jobs_argv = [
+            [*shared, *point_flags(p), "--run-dir", str(sweep_dir / point_name(p)), "--wandb-group", sweep_dir.name]
+            for p in expand(args.grid)
+        ]
         for argv_ in jobs_argv:
             checked_config(argv_, args)
     except UsageError as err:

@@ -160,7 +160,9 @@ def load(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         raise CheckpointError(f"checkpoint {path} is not an mnist-dist checkpoint (keys missing)")
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {ckpt['format_version']}, this version reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {ckpt['format_version']}, this version reads {FORMAT_VERSION}"
+        )
     return ckpt
 
 
@@ -189,7 +191,12 @@ class Checkpointer:
     """Rank 0 writes checkpoints; on other ranks `save` writes nothing (every rank decides alike)."""
 
     def __init__(self, cfg: Config, enabled: bool):
-        self.dir, self.every, self.keep_last, self.enabled = checkpoint_dir(cfg.run_dir), cfg.ckpt_every, cfg.keep_last, enabled
+        self.dir, self.every, self.keep_last, self.enabled = (
+            checkpoint_dir(cfg.run_dir),
+            cfg.ckpt_every,
+            cfg.keep_last,
+            enabled,
+        )
 
     def due(self, step: int) -> bool:
         """A --ckpt-every step: the loop syncs there, and saves."""

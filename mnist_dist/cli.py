@@ -38,10 +38,16 @@ def cmd_download(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mnist-dist evaluate", description="Evaluate a checkpoint on the 10,000 test images.")
+    p = argparse.ArgumentParser(
+        prog="mnist-dist evaluate", description="Evaluate a checkpoint on the 10,000 test images."
+    )
     p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt or best.pt file")
-    p.add_argument("--data-dir", default=None, help="MNIST root (default: the one saved in the checkpoint, or $MNIST_DATA_DIR)")
-    p.add_argument("--no-verify-data", dest="verify", action="store_false", help="skip the SHA-256 check of the raw files")
+    p.add_argument(
+        "--data-dir", default=None, help="MNIST root (default: the one saved in the checkpoint, or $MNIST_DATA_DIR)"
+    )
+    p.add_argument(
+        "--no-verify-data", dest="verify", action="store_false", help="skip the SHA-256 check of the raw files"
+    )
     args = p.parse_args(argv)
     from . import inference
 
@@ -57,7 +63,9 @@ def cmd_predict(argv: list[str]) -> int:
                "20x20 box and centred in 28x28 (28x28 images are used as they are). An image whose border is "
                "mostly light (dark ink on paper) is inverted automatically; --invert / --no-invert force it.")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None, help="invert the images (default: auto)")
+    p.add_argument(
+        "--invert", action=argparse.BooleanOptionalAction, default=None, help="invert the images (default: auto)"
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, any size or mode")
     args = p.parse_args(argv)
     from . import inference
@@ -106,8 +114,16 @@ def cmd_hangs(argv: list[str]) -> int:
     return hangs_main(argv)
 
 
-COMMANDS = {"hangs": cmd_hangs, "train": cmd_train, "download": cmd_download, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "export": cmd_export, "report": cmd_report, "sweep-report": cmd_sweep_report}
+COMMANDS = {
+    "hangs": cmd_hangs,
+    "train": cmd_train,
+    "download": cmd_download,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "report": cmd_report,
+    "sweep-report": cmd_sweep_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,38 +21,105 @@ class Config:
     data_dir: str = field(default="./data", metadata={"help": "MNIST root (holds MNIST/raw); env MNIST_DATA_DIR"})
     run_dir: str = field(default="runs/default", metadata={"help": "where config, metrics, checkpoints and summary go"})
     download: bool = field(default=True, metadata={"help": "download MNIST if missing (local rank 0 only)"})
-    verify_data: bool = field(default=True, metadata={"help": "check the raw files against the official SHA-256 pins (turn off only for your own IDX files)"})
+    verify_data: bool = field(
+        default=True,
+        metadata={
+            "help": "check the raw files against the official SHA-256 pins (turn off only for your own IDX files)"
+        },
+    )
     # model and optimisation
     model: str = field(default="mlp", metadata={"help": "mlp (784-H-10) or cnn", "choices": ["mlp", "cnn"]})
     hidden: int = field(default=128, metadata={"help": "hidden units of the MLP"})
     epochs: int = field(default=4, metadata={"help": "passes over the 60,000 training images"})
     batch_size: int = field(default=64, metadata={"help": "GLOBAL batch; each rank takes batch_size / world_size"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    lr_decay: float = field(default=0.7, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"})
+    lr_decay: float = field(
+        default=0.7, metadata={"help": "multiply the learning rate by this after every epoch (1: constant)"}
+    )
     seed: int = field(default=0, metadata={"help": "seeds the initial weights and the sampler's shuffle"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]})
-    deterministic: bool = field(default=True, metadata={"help": "deterministic GPU kernels (cuDNN, cuBLAS), so a resumed run equals an uninterrupted one bit for bit on GPUs too; --no-deterministic trades that for speed (the CPU is deterministic either way)"})
-    exact: bool = field(default=False, metadata={"help": "the same model bit for bit from any number of ranks that divides --pieces (exact.py)"})
-    pieces: int = field(default=4, metadata={"help": "with --exact: the fixed pieces each global batch is cut into (a power of two dividing --batch-size), so the most ranks it serves; more cost more time per process"})
-    cpu_allreduce: str = field(default="auto", metadata={"help": "how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto (shm when possible)", "choices": ["auto", "shm", "gloo"]})
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda if available), cpu or cuda", "choices": ["auto", "cpu", "cuda"]}
+    )
+    deterministic: bool = field(
+        default=True,
+        metadata={
+            "help": ("deterministic GPU kernels (cuDNN, cuBLAS), so a resumed run equals an uninterrupted one "
+                      "bit for bit on GPUs too; --no-deterministic trades that for speed (the CPU is "
+                      "deterministic either way)")
+        },
+    )
+    exact: bool = field(
+        default=False,
+        metadata={"help": "the same model bit for bit from any number of ranks that divides --pieces (exact.py)"},
+    )
+    pieces: int = field(
+        default=4,
+        metadata={
+            "help": ("with --exact: the fixed pieces each global batch is cut into (a power of two dividing "
+                      "--batch-size), so the most ranks it serves; more cost more time per process")
+        },
+    )
+    cpu_allreduce: str = field(
+        default="auto",
+        metadata={
+            "help": ("how CPU ranks average gradients: shm (shared memory, all ranks on one host), gloo, or auto "
+                      "(shm when possible)"),
+            "choices": ["auto", "shm", "gloo"],
+        },
+    )
     # logging and checkpoints
-    log_every: int = field(default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"})
+    log_every: int = field(
+        default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"}
+    )
     ckpt_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at epoch ends)"})
-    keep_last: int = field(default=3, metadata={"help": "how many recent checkpoints to keep (the best is kept as well)"})
-    resume: str = field(default="auto", metadata={"help": "auto (newest valid checkpoint in run dir), never, or a checkpoint path"})
-    overwrite: bool = field(default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"})
-    profile_steps: str = field(default="", metadata={"help": "A-B: record torch.profiler traces of steps A to B (from 1) in RUN_DIR/profile/, one per rank"})
-    profile_ranks: str = field(default="", metadata={"help": "with --profile-steps: the ranks to profile, e.g. 0,1 (default: all)"})
-    hang_timeout: float = field(default=300.0, metadata={"help": "seconds without progress on any rank, once training has started, after which every rank stops with exit code 76 (0: off); before the first step --start-timeout applies"})
-    start_timeout: float = field(default=600.0, metadata={"help": "seconds the process group may take to form (every rank started and connected) before every rank stops in one line naming the ranks never seen (exit 1)"})
+    keep_last: int = field(
+        default=3, metadata={"help": "how many recent checkpoints to keep (the best is kept as well)"}
+    )
+    resume: str = field(
+        default="auto", metadata={"help": "auto (newest valid checkpoint in run dir), never, or a checkpoint path"}
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"}
+    )
+    profile_steps: str = field(
+        default="",
+        metadata={
+            "help": "A-B: record torch.profiler traces of steps A to B (from 1) in RUN_DIR/profile/, one per rank"
+        },
+    )
+    profile_ranks: str = field(
+        default="", metadata={"help": "with --profile-steps: the ranks to profile, e.g. 0,1 (default: all)"}
+    )
+    hang_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": ("seconds without progress on any rank, once training has started, after which every rank "
+                      "stops with exit code 76 (0: off); before the first step --start-timeout applies")
+        },
+    )
+    start_timeout: float = field(
+        default=600.0,
+        metadata={
+            "help": ("seconds the process group may take to form (every rank started and connected) before every "
+                      "rank stops in one line naming the ranks never seen (exit 1)")
+        },
+    )
     # Weights & Biases (rank 0 only)
-    wandb: str = field(default="auto", metadata={"help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)", "choices": ["auto", "online", "offline", "disabled"]})
+    wandb: str = field(
+        default="auto",
+        metadata={
+            "help": "auto, online, offline or disabled (env WANDB_MODE wins over auto)",
+            "choices": ["auto", "online", "offline", "disabled"],
+        },
+    )
     wandb_project: str = field(default="mnist-dist", metadata={"help": "W&B project"})
     wandb_entity: str = field(default="", metadata={"help": "W&B entity (team or user)"})
     wandb_group: str = field(default="", metadata={"help": "W&B group, e.g. a sweep name"})
     wandb_tags: str = field(default="", metadata={"help": "comma-separated W&B tags"})
     wandb_name: str = field(default="", metadata={"help": "W&B run name (default: the run dir's name)"})
-    wandb_log_model: bool = field(default=False, metadata={"help": "upload the best checkpoint as a W&B artifact at the end"})
+    wandb_log_model: bool = field(
+        default=False, metadata={"help": "upload the best checkpoint as a W&B artifact at the end"}
+    )
 
     def validate(self, world_size: int = 1) -> None:
         """Check invariants early, with messages a user understands."""
@@ -153,9 +220,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             parser.add_argument(f"--{flag(f.name)}", action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(f"--{flag(f.name)}", type=kind, default=None, help=help_,
-                                choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else f.name.upper())
-    parser.add_argument("--no-resume", dest="resume", action="store_const", const="never", help="same as --resume never")
+            parser.add_argument(
+                f"--{flag(f.name)}",
+                type=kind,
+                default=None,
+                help=help_,
+                choices=f.metadata.get("choices"),
+                metavar=None if "choices" in f.metadata else f.name.upper(),
+            )
+    parser.add_argument(
+        "--no-resume", dest="resume", action="store_const", const="never", help="same as --resume never"
+    )
     return parser
 
 

@@ -260,7 +260,8 @@ class Ranks:
 
     def from_main(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on rank 0 (a check, as above), and its result on every rank."""
-        return self.broadcast(self.check(fn, *args, on="main"), src=0, what=f"rank 0's {getattr(fn, '__name__', 'result')}")
+        what = f"rank 0's {getattr(fn, '__name__', 'result')}"
+        return self.broadcast(self.check(fn, *args, on="main"), src=0, what=what)
 
     def from_newest(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) on each node's first rank (a check, as above) returns a checkpoint or None; the one with
@@ -269,7 +270,9 @@ class Ranks:
         found = self.check(fn, *args, on="local_main")
         W = self.env.world_size
         score = (found["step"] + 1) * W + (W - 1 - self.env.rank) if found is not None else -1
-        best = int(self._reduce([float(score)], dist.ReduceOp.MAX, f"the newest {getattr(fn, '__name__', 'result')}")[0])
+        best = int(
+            self._reduce([float(score)], dist.ReduceOp.MAX, f"the newest {getattr(fn, '__name__', 'result')}")[0]
+        )
         if best < 0:
             return None
         src = W - 1 - best % W

@@ -75,7 +75,9 @@ class Preempted(JobError):
 
     def __init__(self, signum: int, step: int, checkpoint: str):
         by = signal.Signals(signum).name if signum else "a signal to another rank"
-        super().__init__(f"stopped by {by} at step {step}; checkpoint {checkpoint}; run the same command again to resume")
+        super().__init__(
+            f"stopped by {by} at step {step}; checkpoint {checkpoint}; run the same command again to resume"
+        )
         self.signum = signum
 
 

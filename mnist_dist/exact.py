@@ -87,7 +87,9 @@ class ExactStep:
             norm.running_var.mul_(1 - m).add_(var, alpha=m)
             norm.num_batches_tracked += 1
 
-    def unpack(self, row: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def unpack(
+        self, row: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """A row's gradients (shaped as the parameters), loss and (mean, variance) of each norm."""
         parts = list(row.split(self.sizes))
         grads = [part.view_as(p) for part, p in zip(parts, self.params, strict=True)]

@@ -84,7 +84,9 @@ class HostAllReduce:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
-                raise ConnectionError(f"rank {r} (pid {pid}) exited while rank {self.rank} waited for its gradients") from None
+                raise ConnectionError(
+                    f"rank {r} (pid {pid}) exited while rank {self.rank} waited for its gradients"
+                ) from None
             except PermissionError:
                 pass  # alive, under another user
         if waited_s > self.timeout_s:

@@ -95,7 +95,9 @@ def curves(history: list[dict]) -> Figure:
         x, acc, epochs = zip(*evals, strict=True)
         right.plot(x, [a * 100 for a in acc], marker="o")
         for xi, a, e in evals:
-            right.annotate(f"epoch {e}", (xi, a * 100), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+            right.annotate(
+                f"epoch {e}", (xi, a * 100), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+            )
     right.set_xlabel("step")
     right.set_ylabel("test accuracy (%)")
     right.set_title("test accuracy after each epoch")

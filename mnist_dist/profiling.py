@@ -61,5 +61,7 @@ class StepProfiler:
             self.prof.export_chrome_trace(str(self.path))
             if self.table:
                 averages = self.prof.key_averages()
-                self.say(f"profile of steps {self.first}-{self.last} in {self.path.parent}; the operators by self time:\n"
-                         + averages.table(sort_by="self_cpu_time_total", row_limit=10))
+                self.say(
+                    f"profile of steps {self.first}-{self.last} in {self.path.parent}; the operators by self time:\n"
+                    + averages.table(sort_by="self_cpu_time_total", row_limit=10)
+                )

@@ -33,8 +33,10 @@ def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n:
     idx = pick_grid(result, labels, n, mistakes_only)
     title = f"{'mistakes: ' if mistakes_only else ''}predicted / true, step {found[0]['step']}"
     return [
-        plots.save(plots.prediction_grid(data.to_pixels(images[idx]), result.predictions[idx], labels[idx], title=title),
-                   out_dir / "predictions.png"),
+        plots.save(
+            plots.prediction_grid(data.to_pixels(images[idx]), result.predictions[idx], labels[idx], title=title),
+            out_dir / "predictions.png",
+        ),
         plots.save(plots.confusion_matrix(result.confusion), out_dir / "confusion_matrix.png"),
         plots.save(plots.curves(history), out_dir / "curves.png"),
     ]

@@ -17,7 +17,10 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     """The signals that stop training; a launcher may narrow them with MNIST_STOP_SIGNALS=USR2,...
     (submitit does: it keeps SIGTERM for itself and preempts with USR2)."""
     names = os.environ.get("MNIST_STOP_SIGNALS", "")
-    return tuple(signal.Signals[f"SIG{n.strip().upper().removeprefix('SIG')}"] for n in names.split(",") if n.strip()) or STOP_SIGNALS
+    return (
+        tuple(signal.Signals[f"SIG{n.strip().upper().removeprefix('SIG')}"] for n in names.split(",") if n.strip())
+        or STOP_SIGNALS
+    )
 
 
 class StopFlag:

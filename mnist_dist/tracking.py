@@ -105,7 +105,9 @@ class Tracker(NullTracker):
             with contextlib.suppress(OSError):  # a failed write was reported where it happened
                 self.metrics.close()
         if self.mirror:
-            self.mirror.close({"summary": self.summary, "best_checkpoint": str(self.run_dir / "checkpoints" / "best.pt")})
+            self.mirror.close(
+                {"summary": self.summary, "best_checkpoint": str(self.run_dir / "checkpoints" / "best.pt")}
+            )
 
 
 def as_text(values: torch.Tensor) -> str:

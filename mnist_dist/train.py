@@ -78,7 +78,9 @@ class Trainer:
         self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
         # DistributedSampler pads the data to a multiple of the world size; --exact to whole global batches
         n = len(self.train_y)
-        self.steps_per_epoch = math.ceil(n / cfg.batch_size) if cfg.exact else math.ceil(math.ceil(n / W) / self.per_rank)
+        self.steps_per_epoch = (
+            math.ceil(n / cfg.batch_size) if cfg.exact else math.ceil(math.ceil(n / W) / self.per_rank)
+        )
         self.pending: list[tuple[torch.Tensor, ...]] = []  # (loss, logits, labels) of each step since the last sync
         self.last_eval = None
         self.train_seconds = self.epoch_seconds = 0.0

@@ -180,10 +180,17 @@ class Watchdog:
                                       f"process that served it (rank 0, or torchrun's agent) has gone")
             if self.forming_since is not None and now - self.forming_since > self.startup_limit:
                 missing = sorted(set(range(self.world_size)) - self.seen)
-                self.exit(EXIT_ERROR, f"rank {self.rank}: the process group did not form within "
-                                      f"{self.startup_limit:.0f} s: " + (f"rank(s) {missing} never reached the store at "
-                                      f"{self.store_at}" if missing else "every rank reached the store, but they could "
-                                      "not connect to each other (blocked ports? GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)"))
+                self.exit(
+                    EXIT_ERROR,
+                    f"rank {self.rank}: the process group did not form within "
+                    f"{self.startup_limit:.0f} s: "
+                    + (
+                        f"rank(s) {missing} never reached the store at {self.store_at}"
+                        if missing
+                        else "every rank reached the store, but they could "
+                        "not connect to each other (blocked ports? GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME)"
+                    ),
+                )
             if progress.units != self.local:  # this rank moves, even if the store cannot tell us so now
                 self.local, self.moved_at = progress.units, now
             # a rank past step 1 means every rank took part in step 1 (its gradients were averaged)
@@ -241,7 +248,10 @@ class Watchdog:
     def culprits(self, stopped: list[int]) -> tuple[list[int], str]:
         """The ranks the others wait for, and why, in words; `stopped`: those whose heartbeat is stale."""
         if stopped:
-            return stopped, "whose process stopped running (stopped, hung in the kernel, its node gone or its network cut)"
+            return (
+                stopped,
+                "whose process stopped running (stopped, hung in the kernel, its node gone or its network cut)",
+            )
         last = max(p.moved_at for p in self.peers.values())  # every process runs: the others wait for these
         moved_last = [r for r, p in sorted(self.peers.items()) if p.moved_at >= last - 2 * self.interval]
         which = "which still run" if len(moved_last) < self.world_size else "(every rank) which still run"

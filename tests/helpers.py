@@ -32,12 +32,20 @@ def write_idx(folder: Path, n_train: int, n_test: int, seed: int = 0) -> None:
         labels = labels[torch.randperm(n, generator=g)]
         noise = torch.rand(n, 28, 28, generator=g) * 55
         images = (protos[labels] + noise).clamp(0, 255).to(torch.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes()
+        )
 
 
 def job_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC"))
+    }
     env.update({"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     env.update(extra)
     env = {k: v for k, v in env.items() if v != ""}  # an empty value means: unset it
@@ -48,14 +56,33 @@ def train_cmd(nproc: int, *flags: str, restarts: int = 0) -> list[str]:
     """`python -m mnist_dist.train` for one process, torchrun for several (as the README says)."""
     if nproc == 1 and not restarts:
         return [sys.executable, "-m", "mnist_dist.train", *flags]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--max-restarts={restarts}", "-m", "mnist_dist.train", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        "-m",
+        "mnist_dist.train",
+        *flags,
+    ]
 
 
-def run_train(nproc: int, data: Path, run_dir: Path, *flags: str, timeout: float = 180, env: dict | None = None,
-              restarts: int = 0) -> subprocess.CompletedProcess:
-    cmd = train_cmd(nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
-                    restarts=restarts)
+def run_train(
+    nproc: int, data: Path, run_dir: Path, *flags: str, timeout: float = 180, env: dict | None = None, restarts: int = 0
+) -> subprocess.CompletedProcess:
+    cmd = train_cmd(
+        nproc,
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--no-verify-data",
+        "--no-download",
+        *flags,
+        restarts=restarts,
+    )
     return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,10 +92,26 @@ STARTED: list[subprocess.Popen] = []
 def start_train(nproc: int, data: Path, run_dir: Path, *flags: str, restarts: int = 0,
                 env: dict | None = None) -> subprocess.Popen:
     """A training run in the background, in its own process group (killed after the test if still alive)."""
-    cmd = train_cmd(nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
-                    restarts=restarts)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = train_cmd(
+        nproc,
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--no-verify-data",
+        "--no-download",
+        *flags,
+        restarts=restarts,
+    )
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env or job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     STARTED.append(proc)
     return proc
 
@@ -104,7 +147,10 @@ def final_ckpt(run_dir: Path) -> Path:
 
 def children(proc: subprocess.Popen) -> list[int]:
     """The pids of proc's child processes (torchrun's workers, or rank 0's W&B process)."""
-    return [int(pid) for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()]
+    return [
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ]
 
 
 def worker_pid(torchrun: subprocess.Popen, rank: int) -> int:

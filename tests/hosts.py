@@ -151,10 +151,18 @@ class Hosts:
         mounts = ["mount -t tmpfs tmpfs /dev/shm", "mkdir /dev/shm/.tmp", "mount --bind /tmp /dev/shm/.tmp",
                   f"mount --bind {self.hosts_file(host)} /etc/hosts", "mount -t tmpfs tmpfs /tmp"]
         for path in keep:
-            mounts += [f"mkdir -p {shlex.quote(path)}", f"mount --bind /dev/shm/.tmp/{shlex.quote(path[5:])} {shlex.quote(path)}"]
-        mounts += ["umount /dev/shm/.tmp", "rmdir /dev/shm/.tmp", f"hostname {shlex.quote(host.name)}", "ip link set lo up"]
-        host.holder, host.pid = _holder(["--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc",
-                                         "--propagation", "private"], " && ".join(mounts))
+            quoted = shlex.quote(path)
+            mounts += [f"mkdir -p {quoted}", f"mount --bind /dev/shm/.tmp/{shlex.quote(path[5:])} {quoted}"]
+        mounts += [
+            "umount /dev/shm/.tmp",
+            "rmdir /dev/shm/.tmp",
+            f"hostname {shlex.quote(host.name)}",
+            "ip link set lo up",
+        ]
+        host.holder, host.pid = _holder(
+            ["--net", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private"],
+            " && ".join(mounts),
+        )
         host.switch_pid = switch_pid
         subprocess.run(["ip", "link", "add", "eth0", "netns", str(host.pid), "type", "veth", "peer", "name", host.port,
                         "netns", str(switch_pid)], check=True)

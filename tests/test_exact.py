@@ -15,8 +15,24 @@ import torch
 from helpers import ROOT, STARTED, children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from mnist_dist.errors import EXIT_USAGE
 
-FLAGS = {"mlp": ("--exact", "--pieces", "8", "--batch-size", "16", "--epochs", "2", "--log-every", "10", "--seed", "5"),
-         "cnn": ("--exact", "--pieces", "8", "--model", "cnn", "--batch-size", "16", "--epochs", "1", "--log-every", "10", "--seed", "5")}
+FLAGS = {
+    "mlp": ("--exact", "--pieces", "8", "--batch-size", "16", "--epochs", "2", "--log-every", "10", "--seed", "5"),
+    "cnn": (
+        "--exact",
+        "--pieces",
+        "8",
+        "--model",
+        "cnn",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--log-every",
+        "10",
+        "--seed",
+        "5",
+    ),
+}
 # world size -> --cpu-allreduce: both transports, each against the one-process run
 SIZES = {1: "auto", 2: "gloo", 4: "shm", 8: "auto"}
 TIMING = ("samples_per_s", "elapsed_s", "epoch_train_s", "eval_s")

@@ -12,7 +12,17 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, assert_same_params, final_ckpt, job_env, kill_worker, run_train, start_train, summary, wait_for
+from helpers import (
+    ROOT,
+    assert_same_params,
+    final_ckpt,
+    job_env,
+    kill_worker,
+    run_train,
+    start_train,
+    summary,
+    wait_for,
+)
 from fakes import fake_cuda, nccl_flight_recorder, save_on_cuda
 from mnist_dist import checkpoint, devices, distributed, locks, optim, postmortem
 from mnist_dist.config import parse_config
@@ -106,7 +116,11 @@ def test_more_ranks_than_gpus_is_refused_on_every_rank_before_nccl(tiny_data, tm
 
 def test_deterministic_kernels_on_gpus_and_nothing_changes_on_the_cpu(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    before = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
     try:
         devices.make_deterministic(torch.device("cpu"), True)
         assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == (False, False)
@@ -133,7 +147,11 @@ def test_a_hang_on_nccl_keeps_nccls_flight_recorder_dump(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "2000")
     nccl_flight_recorder(monkeypatch, b'{"entries": [{"profiling_name": "nccl:all_reduce"}]}')
     postmortem.write(tmp_path / "hang", 3, 8, [5], "the hang line", {})
-    assert (tmp_path / "hang" / "rank-3.flight-recorder.json").read_bytes().startswith(b'{"entries": [{"profiling_name": "nccl')
+    assert (
+        (tmp_path / "hang" / "rank-3.flight-recorder.json")
+        .read_bytes()
+        .startswith(b'{"entries": [{"profiling_name": "nccl')
+    )
     report = postmortem.read_report(tmp_path / "hang" / "rank-3.txt")
     assert report["rank"] == "3 of 8" and report["waiting for"] == "rank 5"
 
@@ -143,7 +161,11 @@ def test_the_suite_and_the_bench_hide_gpus():
     assert job_env()["CUDA_VISIBLE_DEVICES"] == "" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
     sys.path.insert(0, str(ROOT / "bench"))
     import bench
-    assert "--device" in bench.our_cmd(1, "DATA", ROOT / "run", "cpu") and bench.env_for("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+
+    assert (
+        "--device" in bench.our_cmd(1, "DATA", ROOT / "run", "cpu")
+        and bench.env_for("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    )
     assert "cuda" in bench.conventional_cmd(2, "DATA", 1, "cuda")
 
 

@@ -105,7 +105,9 @@ def test_a_rank_stuck_writing_a_checkpoint_is_shown_in_that_phase_and_frame(medi
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     [rank0] = [line for line in res.stdout.splitlines() if line.startswith("rank 0: ")]
-    assert rank0.startswith("rank 0: checkpoint write;") and "in atomic_write (mnist_dist/files.py:" in rank0, res.stdout
+    assert rank0.startswith("rank 0: checkpoint write;") and "in atomic_write (mnist_dist/files.py:" in rank0, (
+        res.stdout
+    )
     assert "rank 1: epoch end; last collective all_reduce of the stop flags" in res.stdout, res.stdout
 
 

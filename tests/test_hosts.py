@@ -25,7 +25,9 @@ PORT = 29500
 FLAGS = (*SMALL_RUN, "--ckpt-every", "50", "--no-verify-data", "--no-download")
 
 
-def torchrun(rdzv: str, node: int, *flags: str, nnodes: str = "2", endpoint: str = "nodeA", restarts: int = 0) -> list[str]:
+def torchrun(
+    rdzv: str, node: int, *flags: str, nnodes: str = "2", endpoint: str = "nodeA", restarts: int = 0
+) -> list[str]:
     """The command each node runs, one rank per node, as the README says."""
     how = ([f"--node-rank={node}", f"--master-addr={endpoint}", f"--master-port={PORT}"] if rdzv == "static" else
            ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{PORT}", "--rdzv-id=hosts-test",
@@ -192,7 +194,16 @@ def test_same_named_hosts_kill_nothing_on_the_wrong_host(medium_data, tmp_path):
     """Both hosts are called "node" and their pids overlap: host A runs a bystander with the very pid that
     rank 1 has on host B. Rank 1 is stopped; rank 0's watchdog ends the job (exit 76) and signals nothing,
     since no stopped rank is proven to run on its host."""
-    flags = ("--data-dir", str(medium_data), "--run-dir", str(tmp_path / "run"), "--epochs", "20", "--hang-timeout", "6")
+    flags = (
+        "--data-dir",
+        str(medium_data),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--epochs",
+        "20",
+        "--hang-timeout",
+        "6",
+    )
     with Hosts(tmp_path, ["node", "node"], aliases={"master": 0}) as (a, b):
         for _ in range(5):  # B's pids run ahead of A's, so that rank 1's pid is still free on A
             b.sh("true")

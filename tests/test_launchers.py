@@ -48,9 +48,15 @@ def test_submit_refuses_more_ranks_than_gpus_before_queueing(tmp_path):
 
 def test_grid_expansion_and_bad_grid():
     points = expand(["lr=1e-3,3e-3", "hidden=64,128"])
-    assert len(points) == 4 and points[0] == {"lr": 0.001, "hidden": 64} and point_name(points[3]) == "lr=0.003,hidden=128"
-    res = subprocess.run([sys.executable, "-m", "mnist_dist.sweep", "point", "--grid", "hidden=a,b", "--index", "0"],
-                         cwd=ROOT, capture_output=True, text=True)
+    assert (
+        len(points) == 4 and points[0] == {"lr": 0.001, "hidden": 64} and point_name(points[3]) == "lr=0.003,hidden=128"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "mnist_dist.sweep", "point", "--grid", "hidden=a,b", "--index", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2 and "values must be int" in res.stderr
 
 

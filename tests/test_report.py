@@ -45,9 +45,14 @@ def test_refilled_figures_draw_exactly_what_new_ones_do():
     pixels, labels = rng.random((12, 28, 28)), rng.integers(0, 10, 12)
     guess_1, guess_2 = rng.integers(0, 10, 12), labels.copy()
     pairs = [
-        (plots.refill_confusion_matrix(plots.confusion_matrix(before), after, "cm"), plots.confusion_matrix(after, "cm")),
-        (plots.recaption_grid(plots.prediction_grid(pixels, guess_1, labels), guess_2, labels, "later"),
-         plots.prediction_grid(pixels, guess_2, labels, title="later")),
+        (
+            plots.refill_confusion_matrix(plots.confusion_matrix(before), after, "cm"),
+            plots.confusion_matrix(after, "cm"),
+        ),
+        (
+            plots.recaption_grid(plots.prediction_grid(pixels, guess_1, labels), guess_2, labels, "later"),
+            plots.prediction_grid(pixels, guess_2, labels, title="later"),
+        ),
     ]
     for refilled, fresh in pairs:
         assert np.array_equal(np.asarray(plots.to_image(refilled)), np.asarray(plots.to_image(fresh)))

@@ -171,7 +171,8 @@ def test_resume_from_a_given_path_with_another_world_size(tiny_data, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "run"
-    assert run_train(1, tiny_data, run, "--epochs", "1", "--batch-size", "16", "--lr", "1e30").returncode in (0, EXIT_DIVERGED)
+    res = run_train(1, tiny_data, run, "--epochs", "1", "--batch-size", "16", "--lr", "1e30")
+    assert res.returncode in (0, EXIT_DIVERGED)
     run2 = tmp_path / "run2"
     res = run_train(1, tiny_data, run2, "--epochs", "3", "--batch-size", "16", "--lr", "1e30", "--log-every", "4")
     assert res.returncode == EXIT_DIVERGED, res.stderr

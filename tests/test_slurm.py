@@ -13,8 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (SMALL_RUN, ROOT, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary,
-                     wait_for)
+from helpers import (
+    SMALL_RUN,
+    ROOT,
+    assert_same_params,
+    follow_requeued,
+    job_env,
+    metrics,
+    run_train,
+    slurm_log,
+    summary,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slurm
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -43,7 +53,9 @@ def slurm(tmp_path_factory):
 def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch", wait: bool = True,
            **knobs: str) -> subprocess.CompletedProcess | subprocess.Popen:
     """sbatch [SBATCH OPTIONS --] SCRIPT TRAIN FLAGS, knobs as environment variables."""
-    opts, flags = (list(args[:args.index("--")]), list(args[args.index("--") + 1:])) if "--" in args else ([], list(args))
+    opts, flags = (
+        (list(args[: args.index("--")]), list(args[args.index("--") + 1 :])) if "--" in args else ([], list(args))
+    )
     output = f"{tmp}/%x-%A_%a.out" if any(o.startswith("--array") for o in opts) else f"{tmp}/%x-%j.out"
     cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={output}", *(["--wait"] if wait else []), *opts,
            str(ROOT / script), *flags]
@@ -105,12 +117,16 @@ def test_sbatch_preempted_job_requeues_and_resumes_to_the_same_model(slurm, unin
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), what="step 100")
     log = usr1_then_follow(slurm, tmp_path, job, proc)
-    assert "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
+    assert (
+        "stopped by SIGUSR1" in log and "requeueing job" in log and "restart 1" in log and "resuming at epoch 1" in log
+    )
     assert_same_params(run, uninterrupted)  # the resumed job ends with the uninterrupted job's model
     assert summary(run)["test_acc"] == summary(uninterrupted)["test_acc"]
 
 
-def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(slurm, uninterrupted, medium_data, tmp_path):
+def test_srun_torchrun_passes_the_preemption_signal_to_the_ranks_and_requeues(
+    slurm, uninterrupted, medium_data, tmp_path
+):
     """LAUNCHER=torchrun: one srun task per node, each a torchrun agent (c10d) with --signals-to-handle,
     on both slurmd nodes. USR1 to the job's steps (what --signal=USR1@90 sends) reaches the ranks through
     the agents: checkpoint, requeue, and the job finishes with the uninterrupted srun job's model."""
@@ -142,7 +158,19 @@ def task_pid(job: str, rank: int) -> int:
 def hang_a_task(slurm: dict, tmp: Path, data: Path, run: Path, **knobs: str) -> str:
     """Submit a 2-task job with a 5 s --hang-timeout (checkpoints every 50 steps); SIGSTOP its rank 1 at
     step 100. Returns the job id."""
-    proc = sbatch(slurm, tmp, *FLAGS, "--hang-timeout", "5", "--ckpt-every", "50", wait=False, DATA_DIR=str(data), RUN_DIR=str(run), **knobs)
+    proc = sbatch(
+        slurm,
+        tmp,
+        *FLAGS,
+        "--hang-timeout",
+        "5",
+        "--ckpt-every",
+        "50",
+        wait=False,
+        DATA_DIR=str(data),
+        RUN_DIR=str(run),
+        **knobs,
+    )
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), timeout=120, what="step 100")
     os.kill(task_pid(job, 1), signal.SIGSTOP)
@@ -194,7 +222,9 @@ def test_exact_gives_one_process_bits_under_srun_and_submitit(slurm, tiny_data, 
     assert res.returncode == 0, res.stderr
     res = sbatch(slurm, tmp_path, "--", *flags, DATA_DIR=str(tiny_data), RUN_DIR=str(srun_run))
     assert res.returncode == 0, res.stderr
-    res = submit(slurm, tmp_path, "--data-dir", str(tiny_data), "--run-dir", str(submitit_run), *flags, extra=("--wait",))
+    res = submit(
+        slurm, tmp_path, "--data-dir", str(tiny_data), "--run-dir", str(submitit_run), *flags, extra=("--wait",)
+    )
     assert res.returncode == 0, res.stderr
     assert summary(srun_run)["world_size"] == summary(submitit_run)["world_size"] == 2
     assert summary(srun_run)["fingerprint"] == summary(submitit_run)["fingerprint"] == summary(one)["fingerprint"]

@@ -19,8 +19,18 @@ from pathlib import Path
 import pytest
 
 import hosts as hosts_mod
-from helpers import (ROOT, SMALL_RUN, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary,
-                     wait_for)
+from helpers import (
+    ROOT,
+    SMALL_RUN,
+    assert_same_params,
+    follow_requeued,
+    job_env,
+    metrics,
+    run_train,
+    slurm_log,
+    summary,
+    wait_for,
+)
 from hosts import Host, Hosts
 
 WHY_NOT = hosts_mod.unavailable()
@@ -106,7 +116,9 @@ def test_a_two_node_job_trains_across_hosts_as_on_one_host(reference, medium_dat
     assert_same_params(reference.run, one_host)  # the same model as two ranks on one host
 
 
-def test_a_scheduler_preemption_requeues_the_job_and_it_ends_with_the_same_model(cluster, reference, medium_data, tmp_path):
+def test_a_scheduler_preemption_requeues_the_job_and_it_ends_with_the_same_model(
+    cluster, reference, medium_data, tmp_path
+):
     """A job in the higher-priority partition that needs both nodes whole: Slurm preempts ours (PreemptMode=
     REQUEUE: SIGTERM to the job), the ranks checkpoint, the job is requeued and resumes after it."""
     run = tmp_path / "run"
@@ -134,12 +146,17 @@ def test_a_node_cut_off_ends_the_job_in_bounded_time_and_the_requeue_finishes_af
     node2.cut()
     cut = time.monotonic()
     try:
-        wait_for(lambda: "srun: error: node1: task 0: Exited with exit code 76" in slurm_log(tmp_path, job), timeout=bound,
-                 what="rank 0 on node1 to end")
+        wait_for(
+            lambda: "srun: error: node1: task 0: Exited with exit code 76" in slurm_log(tmp_path, job),
+            timeout=bound,
+            what="rank 0 on node1 to end",
+        )
         rank0_s = time.monotonic() - cut
         wait_for(lambda: not ranks_on(node2), timeout=bound - rank0_s, what="rank 1 on node2 to end by itself")
         rank1_s = time.monotonic() - cut
-        wait_for(lambda: "JobState=PENDING" in cluster.job(job), timeout=bound - rank1_s, what="Slurm to requeue the job")
+        wait_for(
+            lambda: "JobState=PENDING" in cluster.job(job), timeout=bound - rank1_s, what="Slurm to requeue the job"
+        )
         requeued_s = time.monotonic() - cut
     finally:
         node2.mend()

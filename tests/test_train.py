@@ -188,8 +188,20 @@ def test_unwritable_run_dir(tiny_data, tmp_path):
 
 def test_missing_data_names_folder_and_fix(tmp_path):
     """No data and no download: one line naming the folder and what to do; both ranks exit, no hang."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mnist_dist.train",
-           "--data-dir", str(tmp_path / "nodata"), "--run-dir", str(tmp_path / "run"), "--no-download"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "mnist_dist.train",
+        "--data-dir",
+        str(tmp_path / "nodata"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--no-download",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert f"{tmp_path / 'nodata' / 'MNIST' / 'raw'}" in res.stderr and "put the four IDX files" in res.stderr

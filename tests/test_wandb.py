@@ -18,8 +18,21 @@ def run_files(run_dir):
 
 def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path):
     run = tmp_path / "run"
-    res = run_train(1, tiny_data, run, "--epochs", "2", "--log-every", "4", "--wandb", "offline",
-                    "--wandb-tags", "a,b", "--wandb-log-model", env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"))
+    res = run_train(
+        1,
+        tiny_data,
+        run,
+        "--epochs",
+        "2",
+        "--log-every",
+        "4",
+        "--wandb",
+        "offline",
+        "--wandb-tags",
+        "a,b",
+        "--wandb-log-model",
+        env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"),
+    )
     assert res.returncode == 0, res.stderr
     assert "W&B offline run in" in res.stdout and "wandb sync" in res.stdout
     [log] = run_files(run)
@@ -36,7 +49,9 @@ def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path)
     media = log.parent / "files"
     assert (media / images[1]["predictions/path"]).stat().st_size > 5000
     assert got["summary"]["test_acc"] == summary(run)["test_acc"]
-    models = [r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+    models = [
+        r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"
+    ]
     assert len(models) == 1 and models[0].name.startswith("model-"), "--wandb-log-model uploads the best checkpoint"
     leaked = [p for p in run.rglob("*") if p.is_file() and b"secret-key-123" in p.read_bytes()]
     assert not leaked, f"the API key was written to {leaked}"
@@ -84,7 +99,9 @@ def test_unreachable_wandb_server_keeps_the_run_offline(medium_data, tmp_path):
     run = tmp_path / "run"
     env = job_env(WANDB_MODE="", WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="6")
     start = time.monotonic()  # 8 epochs of 2048 steps: training outlasts W&B's online attempt
-    res = run_train(1, medium_data, run, "--epochs", "8", "--batch-size", "4", "--wandb", "online", env=env, timeout=180)
+    res = run_train(
+        1, medium_data, run, "--epochs", "8", "--batch-size", "4", "--wandb", "online", env=env, timeout=180
+    )
     wall = time.monotonic() - start
     assert res.returncode == 0, res.stderr
     warned = [line for line in res.stderr.splitlines() if "W&B could not start online" in line]
@@ -92,7 +109,9 @@ def test_unreachable_wandb_server_keeps_the_run_offline(medium_data, tmp_path):
     [log] = run_files(run)
     got = summarize(log)
     assert got["config"]["epochs"] == 8 and got["summary"]["test_acc"] == summary(run)["test_acc"]
-    assert [h["step"] for h in got["history"] if "train_loss" in h] == [r["step"] for r in metrics(run) if "train_loss" in r]
+    assert [h["step"] for h in got["history"] if "train_loss" in h] == [
+        r["step"] for r in metrics(run) if "train_loss" in r
+    ]
     assert len([h for h in got["history"] if "predictions/_type" in h]) == 8
     assert wall < summary(run)["total_seconds"] + 6 + 10, f"the command took {wall:.0f} s"
 

@@ -50,7 +50,9 @@ def summarize(path: Path) -> dict:
             for item in rec.config.update:
                 result["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            result["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+            result["history"].append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
         elif kind == "exit":
             result["exit_code"] = rec.exit.exit_code
         elif kind == "summary":
