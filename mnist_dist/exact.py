@@ -92,7 +92,7 @@ class ExactStep:
     ) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """A row's gradients (shaped as the parameters), loss and (mean, variance) of each norm."""
         parts = list(row.split(self.sizes))
-        grads = [part.view_as(p) for part, p in zip(parts, self.params, strict=True)]
+        grads = [part.view_as(p) for part, p in zip(parts[:len(self.params)], self.params, strict=True)]
         stats = parts[len(self.params) + 1:]
         return grads, parts[len(self.params)], list(zip(stats[0::2], stats[1::2], strict=True))
 

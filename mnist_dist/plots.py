@@ -41,7 +41,8 @@ def recaption_grid(fig: Figure, preds, labels, title: str = "predicted / true") 
     """New predictions for the same digits: rewrites the captions of a `prediction_grid` figure in place
     (the W&B mirror redraws one grid after every evaluation, cheaper than building it anew)."""
     ax = fig.axes[0]
-    for text, p, t in zip(ax.texts, preds, labels, strict=True):
+    # strict=False: an empty grid has one text ("no images to show") and no predictions
+    for text, p, t in zip(ax.texts, preds, labels, strict=False):
         text.set_text(f"{int(p)} / {int(t)}")
         text.set_color(RIGHT if p == t else WRONG)
     ax.set_title(f"{title}   (red: wrong)", fontsize=10)
