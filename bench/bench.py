@@ -38,15 +38,7 @@ def env_for(device: str, base: dict = ENV) -> dict:
 
 def our_cmd(nproc: int, data_dir: str, run_dir: Path, device: str, *extra: str) -> list[str]:
     flags = [
-        "--data-dir",
-        data_dir,
-        "--run-dir",
-        str(run_dir),
-        "--no-resume",
-        "--overwrite",
-        "--device",
-        device,
-        *extra,
+        "--data-dir", data_dir, "--run-dir", str(run_dir), "--no-resume", "--overwrite", "--device", device, *extra,
     ]
     return (
         [sys.executable, "-m", "mnist_dist.train", *flags]
@@ -104,12 +96,8 @@ def exact_vs_default(
 
 def conventional(nproc: int, data_dir: str, epochs: int, device: str) -> dict:
     out = subprocess.run(
-        conventional_cmd(nproc, data_dir, epochs, device),
-        cwd=ROOT,
-        env=env_for(device, {**ENV, "PYTHONPATH": str(ROOT)}),
-        check=True,
-        capture_output=True,
-        text=True,
+        conventional_cmd(nproc, data_dir, epochs, device), cwd=ROOT,
+        env=env_for(device, {**ENV, "PYTHONPATH": str(ROOT)}), check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -167,12 +155,8 @@ def main() -> None:
         if not args.exact_only:
             versus_conventional(args, Path(tmp))
         exact = exact_vs_default(
-            [int(n) for n in args.nprocs.split(",")],
-            [m for m in args.exact_models.split(",") if m],
-            args.repeats,
-            args.data_dir,
-            Path(tmp),
-            args.device,
+            [int(n) for n in args.nprocs.split(",")], [m for m in args.exact_models.split(",") if m], args.repeats,
+            args.data_dir, Path(tmp), args.device,
         )
     print("\n" + "\n".join(exact))
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")

@@ -115,14 +115,8 @@ def cmd_hangs(argv: list[str]) -> int:
 
 
 COMMANDS = {
-    "hangs": cmd_hangs,
-    "train": cmd_train,
-    "download": cmd_download,
-    "evaluate": cmd_evaluate,
-    "predict": cmd_predict,
-    "export": cmd_export,
-    "report": cmd_report,
-    "sweep-report": cmd_sweep_report,
+    "hangs": cmd_hangs, "train": cmd_train, "download": cmd_download, "evaluate": cmd_evaluate, "predict": cmd_predict,
+    "export": cmd_export, "report": cmd_report, "sweep-report": cmd_sweep_report,
 }
 
 

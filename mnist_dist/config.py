@@ -221,11 +221,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
             parser.add_argument(
-                f"--{flag(f.name)}",
-                type=kind,
-                default=None,
-                help=help_,
-                choices=f.metadata.get("choices"),
+                f"--{flag(f.name)}", type=kind, default=None, help=help_, choices=f.metadata.get("choices"),
                 metavar=None if "choices" in f.metadata else f.name.upper(),
             )
     parser.add_argument(
