@@ -17,8 +17,10 @@ mounts go with their last process. `Hosts.unavailable()` says why namespaces can
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +68,7 @@ class Host:
         self.name, self.addr, self.index = name, addr, index
         self.port = f"p{index}"  # its cable's end on the switch
         self.holder: subprocess.Popen | None = None
+        self.started: list[subprocess.Popen] = []  # the nsenter wrappers of start(): they live outside the host
         self.pid = 0
         self.switch_pid = 0
 
@@ -89,7 +92,30 @@ class Host:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
         kwargs.setdefault("text", True)
-        return subprocess.Popen(self.cmd(argv), start_new_session=True, **kwargs)
+        proc = subprocess.Popen(self.cmd(argv), start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def pid_of(self, proc: subprocess.Popen, timeout: float = 30) -> int:
+        """The pid on this host (inside its PID namespace) of the command that start() ran, once it runs.
+        nsenter forks a child that enters the namespace and execs the command; until the exec that child
+        still carries nsenter's command line (and the command's environment), so a lookup by command line
+        can pick it, or the `sh -c` of the lookup itself. This follows the one child of this Popen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+                try:
+                    exe = os.readlink(f"/proc/{child}/exe")
+                    status = Path(f"/proc/{child}/status").read_text()
+                except OSError:  # gone, or not yet readable
+                    continue
+                if os.path.basename(exe) != "nsenter":  # exec'd: the command itself
+                    nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+                    return int(nspid.split()[-1])  # the innermost namespace's pid: this host's
+            if proc.poll() is not None:
+                raise AssertionError(f"the command on {self.name} ended (exit {proc.returncode}) before it was found")
+            time.sleep(0.01)
+        raise AssertionError(f"the command started on {self.name} did not run within {timeout:.0f} s")
 
     def kill_all(self) -> None:
         """kill -9 every process on this host but the one holding its namespaces (torchrun's workers run in
@@ -175,6 +201,13 @@ class Hosts:
             time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
+        # the nsenter wrappers first: each sits outside the host and holds its namespaces while it lives (one
+        # that a test stopped, or whose command it cannot reap, would keep them after the holder has gone)
+        for proc in [p for h in self.hosts for p in h.started]:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         for holder in [h.holder for h in self.hosts] + [self.switch]:
             if holder is not None and holder.poll() is None:
                 holder.stdin.close()  # the holder exits; its namespaces and all they hold go with it

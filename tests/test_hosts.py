@@ -19,7 +19,7 @@ from hosts import Host, Hosts
 from mnist_dist.errors import EXIT_HUNG
 
 WHY_NOT = hosts_mod.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"separate hosts: {WHY_NOT}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=f"separate hosts: {WHY_NOT}")]
 
 PORT = 29500
 FLAGS = (*SMALL_RUN, "--ckpt-every", "50", "--no-verify-data", "--no-download")
@@ -195,21 +195,14 @@ def test_same_named_hosts_kill_nothing_on_the_wrong_host(medium_data, tmp_path):
     rank 1 has on host B. Rank 1 is stopped; rank 0's watchdog ends the job (exit 76) and signals nothing,
     since no stopped rank is proven to run on its host."""
     flags = (
-        "--data-dir",
-        str(medium_data),
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--epochs",
-        "20",
-        "--hang-timeout",
-        "6",
+        "--data-dir", str(medium_data), "--run-dir", str(tmp_path / "run"), "--epochs", "20", "--hang-timeout", "6",
     )
     with Hosts(tmp_path, ["node", "node"], aliases={"master": 0}) as (a, b):
         for _ in range(5):  # B's pids run ahead of A's, so that rank 1's pid is still free on A
             b.sh("true")
         cmd, env = plain(1, "master", *flags)
         rank1 = b.start(cmd, env=env)
-        inner = int(b.sh("pgrep -f mnist_dist.train").split()[0])
+        inner = b.pid_of(rank1)  # rank 1 itself, as host B numbers it
         bystander = a.start(["sh", "-c", f"echo {inner - 1} > /proc/sys/kernel/ns_last_pid; sleep 600 & echo $!; wait"])
         assert int(bystander.stdout.readline()) == inner, "the bystander did not get rank 1's pid"
         cmd, env = plain(0, "master", *flags)
