@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny synthetic MNIST-format data, an in-process gloo group, and no processes left behind."""
+"""Shared fixtures: tiny synthetic MNIST-format data, an in-process gloo group, and nothing left behind: no
+process after its test, and no process, namespace, veth, mount or /etc/hosts line after the session."""
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
+
+import leftovers
+
+# every process the tests start carries this mark (see leftovers.py); pytest-xdist's workers inherit the
+# controller's, which checks for leftovers once they have all finished
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if not (WORKER and leftovers.MARK in os.environ):
+    os.environ[leftovers.MARK] = f"{os.getpid()}-{time.time_ns()}"
+SESSION = os.environ[leftovers.MARK]
 
 # The suite tests the CPU path it asserts, also on a GPU machine (an empty value hides every GPU).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -60,3 +71,47 @@ def gloo_group():
         yield Ranks(DistEnv(0, 0, 1, "127.0.0.1", 0), torch.device("cpu"))
     finally:
         dist.destroy_process_group()
+
+
+def pytest_sessionstart(session):
+    if not WORKER:
+        session.config.stash[BEFORE] = leftovers.Snapshot()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist has ended its workers
+def pytest_sessionfinish(session, exitstatus):
+    """After every fixture's teardown: anything the suite made that is still there fails the run."""
+    before = session.config.stash.get(BEFORE, None)
+    if before is None:
+        return
+    deadline = time.monotonic() + 10  # a daemon or process group told to stop may need a moment to exit
+    while (found := leftovers.leftovers(SESSION, before)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if found:
+        leftovers.remove(SESSION, before)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the suite left these behind (now removed):\n  " + "\n  ".join(found)
+        if reporter:
+            reporter.write_sep("=", "LEFTOVERS", red=True)
+            reporter.write_line(message)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+BEFORE = pytest.StashKey[leftovers.Snapshot]()
+
+
+# the longest files first (from --durations), so that pytest-xdist's workers, a file each at a time, start on
+# them and finish together; a file not named here runs after these
+LONGEST_FIRST = ["test_resume", "test_hosts", "test_hang", "test_slurm", "test_exact", "test_gpu_paths", "test_train",
+                 "test_slurm_hosts", "test_real_mnist", "test_profile", "test_launchers", "test_wandb"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slurm and real-data tests are slow too (`make test-quick` leaves them out); the longest files first."""
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("realdata"):
+            item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's own order is kept
