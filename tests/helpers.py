@@ -57,15 +57,8 @@ def train_cmd(nproc: int, *flags: str, restarts: int = 0) -> list[str]:
     if nproc == 1 and not restarts:
         return [sys.executable, "-m", "mnist_dist.train", *flags]
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        f"--max-restarts={restarts}",
-        "-m",
-        "mnist_dist.train",
-        *flags,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}", "-m", "mnist_dist.train", *flags,
     ]
 
 
@@ -73,14 +66,7 @@ def run_train(
     nproc: int, data: Path, run_dir: Path, *flags: str, timeout: float = 180, env: dict | None = None, restarts: int = 0
 ) -> subprocess.CompletedProcess:
     cmd = train_cmd(
-        nproc,
-        "--data-dir",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        "--no-verify-data",
-        "--no-download",
-        *flags,
+        nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
         restarts=restarts,
     )
     return subprocess.run(cmd, cwd=ROOT, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
@@ -93,23 +79,11 @@ def start_train(nproc: int, data: Path, run_dir: Path, *flags: str, restarts: in
                 env: dict | None = None) -> subprocess.Popen:
     """A training run in the background, in its own process group (killed after the test if still alive)."""
     cmd = train_cmd(
-        nproc,
-        "--data-dir",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        "--no-verify-data",
-        "--no-download",
-        *flags,
+        nproc, "--data-dir", str(data), "--run-dir", str(run_dir), "--no-verify-data", "--no-download", *flags,
         restarts=restarts,
     )
     proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env or job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        cmd, cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
     STARTED.append(proc)

@@ -15,22 +15,13 @@ import torch
 from helpers import ROOT, STARTED, children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
 from mnist_dist.errors import EXIT_USAGE
 
+pytestmark = pytest.mark.slow  # whole training runs, several per test (left out by `make test-quick`)
+
 FLAGS = {
     "mlp": ("--exact", "--pieces", "8", "--batch-size", "16", "--epochs", "2", "--log-every", "10", "--seed", "5"),
     "cnn": (
-        "--exact",
-        "--pieces",
-        "8",
-        "--model",
-        "cnn",
-        "--batch-size",
-        "16",
-        "--epochs",
-        "1",
-        "--log-every",
-        "10",
-        "--seed",
-        "5",
+        "--exact", "--pieces", "8", "--model", "cnn", "--batch-size", "16", "--epochs", "1", "--log-every", "10",
+        "--seed", "5",
     ),
 }
 # world size -> --cpu-allreduce: both transports, each against the one-process run
@@ -65,13 +56,14 @@ def values(run_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def exact_runs(small_data, tmp_path_factory):
-    """Uninterrupted --exact runs: {(model, world size): run dir}."""
-    runs = {}
+def exact_runs(small_data, tiny_data, tmp_path_factory):
+    """Uninterrupted --exact runs: {(model, world size): run dir}. The MLP's on 2,048 images (the resize and
+    elastic tests stop and resume it mid-epoch); the CNN's, whose pieces cost most, on 512 (32 steps)."""
+    runs, data = {}, {"mlp": small_data, "cnn": tiny_data}
     for model in FLAGS:
         for size, transport in SIZES.items():
             run = tmp_path_factory.mktemp(f"exact-{model}-{size}") / "run"
-            res = run_train(size, small_data, run, *FLAGS[model], "--cpu-allreduce", transport, timeout=300)
+            res = run_train(size, data[model], run, *FLAGS[model], "--cpu-allreduce", transport, timeout=300)
             assert res.returncode == 0, res.stderr
             runs[model, size] = run
     return runs

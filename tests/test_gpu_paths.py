@@ -13,20 +13,14 @@ import pytest
 import torch
 
 from helpers import (
-    ROOT,
-    assert_same_params,
-    final_ckpt,
-    job_env,
-    kill_worker,
-    run_train,
-    start_train,
-    summary,
-    wait_for,
+    ROOT, assert_same_params, final_ckpt, job_env, kill_worker, run_train, start_train, summary, wait_for,
 )
 from fakes import fake_cuda, nccl_flight_recorder, save_on_cuda
 from mnist_dist import checkpoint, devices, distributed, locks, optim, postmortem
 from mnist_dist.config import parse_config
 from mnist_dist.model import build
+
+pytestmark = pytest.mark.slow  # whole training runs, several per test (left out by `make test-quick`)
 
 
 @pytest.fixture(scope="module")

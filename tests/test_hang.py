@@ -16,6 +16,8 @@ from helpers import (ROOT, SMALL_RUN, assert_same_params, job_env, metrics, run_
 from mnist_dist import postmortem
 from mnist_dist.errors import EXIT_HUNG, EXIT_USAGE
 
+pytestmark = pytest.mark.slow  # whole training runs, several per test (left out by `make test-quick`)
+
 HANG = 6  # --hang-timeout of these tests, in seconds
 FLAGS = (*SMALL_RUN, "--ckpt-every", "100", "--hang-timeout", str(HANG))
 

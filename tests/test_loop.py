@@ -99,13 +99,8 @@ def test_the_training_state_round_trips_through_a_checkpoint_file(tmp_path):
     model(torch.randn(4, 1, 28, 28)).sum().backward()
     opt.step()
     state = TrainState(
-        epoch=2,
-        batch_in_epoch=17,
-        step=1041,
-        best_acc=0.93,
-        epoch_tally=EpochTally(3.5, 17, 900.0, 1088),
-        wandb_run_id="abc12345",
-        metrics=[{"step": 1000, "train_loss": 0.25}],
+        epoch=2, batch_in_epoch=17, step=1041, best_acc=0.93, epoch_tally=EpochTally(3.5, 17, 900.0, 1088),
+        wandb_run_id="abc12345", metrics=[{"step": 1000, "train_loss": 0.25}],
     )
     torch.manual_seed(99)
     path = checkpoint.save(checkpoint.snapshot(state, model, opt, cfg, 2, torch.device("cpu")), tmp_path, 3, True)

@@ -16,6 +16,8 @@ from helpers import (ROOT, SMALL_RUN, assert_same_params, final_ckpt, job_env, k
 from mnist_dist import files
 from mnist_dist.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 
+pytestmark = pytest.mark.slow  # whole training runs, several per test (left out by `make test-quick`)
+
 FLAGS = ("--epochs", "2", *SMALL_RUN)
 
 

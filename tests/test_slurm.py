@@ -14,16 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    SMALL_RUN,
-    ROOT,
-    assert_same_params,
-    follow_requeued,
-    job_env,
-    metrics,
-    run_train,
-    slurm_log,
-    summary,
-    wait_for,
+    SMALL_RUN, ROOT, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary, wait_for,
 )
 
 pytestmark = pytest.mark.slurm
@@ -159,17 +150,8 @@ def hang_a_task(slurm: dict, tmp: Path, data: Path, run: Path, **knobs: str) -> 
     """Submit a 2-task job with a 5 s --hang-timeout (checkpoints every 50 steps); SIGSTOP its rank 1 at
     step 100. Returns the job id."""
     proc = sbatch(
-        slurm,
-        tmp,
-        *FLAGS,
-        "--hang-timeout",
-        "5",
-        "--ckpt-every",
-        "50",
-        wait=False,
-        DATA_DIR=str(data),
-        RUN_DIR=str(run),
-        **knobs,
+        slurm, tmp, *FLAGS, "--hang-timeout", "5", "--ckpt-every", "50", wait=False, DATA_DIR=str(data),
+        RUN_DIR=str(run), **knobs,
     )
     job = proc.stdout.readline().strip()
     wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(run)), timeout=120, what="step 100")

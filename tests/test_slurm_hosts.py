@@ -20,16 +20,7 @@ import pytest
 
 import hosts as hosts_mod
 from helpers import (
-    ROOT,
-    SMALL_RUN,
-    assert_same_params,
-    follow_requeued,
-    job_env,
-    metrics,
-    run_train,
-    slurm_log,
-    summary,
-    wait_for,
+    ROOT, SMALL_RUN, assert_same_params, follow_requeued, job_env, metrics, run_train, slurm_log, summary, wait_for,
 )
 from hosts import Host, Hosts
 

@@ -19,19 +19,8 @@ def run_files(run_dir):
 def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path):
     run = tmp_path / "run"
     res = run_train(
-        1,
-        tiny_data,
-        run,
-        "--epochs",
-        "2",
-        "--log-every",
-        "4",
-        "--wandb",
-        "offline",
-        "--wandb-tags",
-        "a,b",
-        "--wandb-log-model",
-        env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"),
+        1, tiny_data, run, "--epochs", "2", "--log-every", "4", "--wandb", "offline", "--wandb-tags", "a,b",
+        "--wandb-log-model", env=job_env(WANDB_MODE="", WANDB_API_KEY="secret-key-123"),
     )
     assert res.returncode == 0, res.stderr
     assert "W&B offline run in" in res.stdout and "wandb sync" in res.stdout
