@@ -92,6 +92,7 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = "the suite left these behind (now removed):\n  " + "\n  ".join(found)
         if reporter:
+            reporter.ensure_newline()
             reporter.write_sep("=", "LEFTOVERS", red=True)
             reporter.write_line(message)
         else:

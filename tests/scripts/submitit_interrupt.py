@@ -12,14 +12,13 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(TESTS.parent / "launch"), str(TESTS)]
 
 import submit  # noqa: E402
-from helpers import kick_requeued, metrics  # noqa: E402
+from helpers import kick_requeued, metrics, wait_for  # noqa: E402
 
 from mnist_dist.slurm_job import TrainJob  # noqa: E402
 
@@ -27,8 +26,7 @@ from mnist_dist.slurm_job import TrainJob  # noqa: E402
 def main(folder: str, run_dir: str, *flags: str) -> None:
     args = submit.launcher_parser("").parse_args(["--ntasks-per-node", "2", "--time", "10", "--folder", folder])
     job = submit.make_executor(args).submit(TrainJob([*flags, "--run-dir", run_dir]))
-    while not any(r.get("step", 0) >= 100 for r in metrics(Path(run_dir))):
-        time.sleep(0.01)
+    wait_for(lambda: any(r.get("step", 0) >= 100 for r in metrics(Path(run_dir))), timeout=180, what="step 100")
     job._interrupt()
     done = threading.Event()
     threading.Thread(target=kick_requeued, args=(dict(os.environ), job.job_id, done.is_set), daemon=True).start()
