@@ -125,7 +125,9 @@ def test_a_scheduler_preemption_requeues_the_job_and_it_ends_with_the_same_model
 
 
 def ranks_on(host: Host) -> bool:
-    return host.run(["pgrep", "-f", "mnist_dist.train"]).returncode == 0
+    """Whether a rank still runs on `host`: a process whose command line starts as srun starts a rank (the
+    job's Python, `-m mnist_dist.train`), not one that merely mentions it."""
+    return host.run(["pgrep", "-f", f"^{sys.executable} -m mnist_dist.train "]).returncode == 0
 
 
 def test_a_node_cut_off_ends_the_job_in_bounded_time_and_the_requeue_finishes_after_mending(cluster, reference,
