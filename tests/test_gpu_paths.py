@@ -185,10 +185,16 @@ def two_nodes(data, run_dirs, *flags, port=None):
 FLAGS = ("--batch-size", "16", "--seed", "2")
 
 
-def test_two_nodes_with_node_local_run_dirs_resume_from_rank_0s_checkpoint(tiny_data, tmp_path):
-    """Node 1's run dir is empty: every rank still resumes from rank 0's checkpoint, to the same model."""
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def two_node_reference(tiny_data, tmp_path_factory):
+    """Two nodes sharing one run dir, 2 epochs uninterrupted: the model the resumed runs must end with."""
+    ref = tmp_path_factory.mktemp("two-nodes") / "ref"
     assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [ref, ref], "--epochs", "2", *FLAGS))
+    return ref
+
+
+def test_two_nodes_with_node_local_run_dirs_resume_from_rank_0s_checkpoint(two_node_reference, tiny_data, tmp_path):
+    """Node 1's run dir is empty: every rank still resumes from rank 0's checkpoint, to the same model."""
     a, b = tmp_path / "node0", tmp_path / "node1"
     assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [a, b], "--epochs", "1", *FLAGS))
     for path in (b / "checkpoints").glob("*.pt"):
@@ -196,21 +202,20 @@ def test_two_nodes_with_node_local_run_dirs_resume_from_rank_0s_checkpoint(tiny_
     results = two_nodes(tiny_data, [a, b], "--epochs", "2", *FLAGS)
     assert all(rc == 0 for rc, _, _ in results), results
     assert "resuming at epoch 2" in results[0][1]
-    assert_same_params(a, ref)  # both ranks resumed from the same step and state
+    assert_same_params(a, two_node_reference)  # both ranks resumed from the same step and state
 
 
-def test_rank_0_with_an_empty_run_dir_resumes_from_the_newest_checkpoint_another_node_holds(tiny_data, tmp_path):
+def test_rank_0_with_an_empty_run_dir_resumes_from_the_newest_checkpoint_another_node_holds(two_node_reference,
+                                                                                            tiny_data, tmp_path):
     """After an elastic change rank 0 can land on a node whose run dir has no checkpoint: the newest any
     node holds is the resume point (here node 1's, from an epoch it ran as rank 0 alone)."""
-    ref = tmp_path / "ref"
-    assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [ref, ref], "--epochs", "2", *FLAGS))
     a, b = tmp_path / "node0", tmp_path / "node1"
     assert all(rc == 0 for rc, _, _ in two_nodes(tiny_data, [b, a], "--epochs", "1", *FLAGS))
     assert not (a / "checkpoints").exists()
     results = two_nodes(tiny_data, [a, b], "--epochs", "2", *FLAGS)
     assert all(rc == 0 for rc, _, _ in results), results
     assert "resuming at epoch 2" in results[0][1]
-    assert_same_params(a, ref)
+    assert_same_params(a, two_node_reference)
 
 
 def test_a_restart_that_finds_no_checkpoint_a_round_before_saved_says_so(medium_data, tmp_path):
