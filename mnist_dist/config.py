@@ -81,6 +81,22 @@ class Config:
     overwrite: bool = field(
         default=False, metadata={"help": "with --resume never: start over in a run dir that holds checkpoints"}
     )
+    progress: str = field(
+        default="auto",
+        metadata={
+            "help": ("progress within an epoch on rank 0: bar (tqdm), lines (plain, rate-limited, for logs), off, "
+                     "or auto (a bar on a terminal, lines elsewhere)"),
+            "choices": ["auto", "bar", "lines", "off"],
+        },
+    )
+    straggler_factor: float = field(
+        default=1.5,
+        metadata={
+            "help": ("name a rank whose compute per step is this many times the median rank's, for 2 log intervals "
+                     "running; also say when the gradient exchange is what every rank waits for (0: off, and no "
+                     "per-rank timing)")
+        },
+    )
     profile_steps: str = field(
         default="",
         metadata={
@@ -134,6 +150,8 @@ class Config:
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise UsageError(f"--{flag(name)} must be a positive number, got {value}")
+        if not (self.straggler_factor == 0 or 1 < self.straggler_factor < float("inf")):
+            raise UsageError(f"--straggler-factor must be 0 (off) or a number above 1, got {self.straggler_factor}")
         if self.ckpt_every < 0:
             raise UsageError(f"--ckpt-every must be >= 0, got {self.ckpt_every}")
         if not 0 <= self.hang_timeout < float("inf") or 0 < self.hang_timeout < 1:

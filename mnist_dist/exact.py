@@ -55,7 +55,7 @@ class ExactStep:
         self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.sizes = [p.numel() for p in self.params] + [1] + [n.num_features for n in self.norms for _ in "mv"]
         self.root = torch.zeros(sum(self.sizes), device=device)  # this rank's subtree's sum
-        self.gather, self.how = gatherer(cfg, env, device, len(self.root))
+        self.gather, self.how, self.shared = gatherer(cfg, env, device, len(self.root))
         self.total = torch.empty_like(self.root) if self.gather else self.root  # the whole tree's
         self.result = self.unpack(self.total)
         self.terms = MLPTerms(self, device) if cfg.model == "mlp" else AutogradTerms(self, device)
@@ -222,20 +222,20 @@ class MLPTerms:
 
 def gatherer(cfg: Config, env: DistEnv, device: torch.device, numel: int):
     """How the ranks' partial sums travel: a function of this rank's row returning every rank's, in rank
-    order (None for one process), and that in words for the start-up line."""
+    order (None for one process), that in words for the start-up line, and the shared-memory block it uses."""
     pieces = f"--exact: {cfg.pieces} pieces of {cfg.batch_size // cfg.pieces} samples a step"
     if env.world_size == 1:
-        return None, f"{pieces}, all summed here"
+        return None, f"{pieces}, all summed here", None
     shared = host_allreduce.wanted(cfg.cpu_allreduce, env.rank, env.world_size, numel, device)
     if shared:
-        return shared.gather, f"{pieces}; partial sums gathered through shared memory"
+        return shared.gather, f"{pieces}; partial sums gathered through shared memory", shared
     out = torch.empty(env.world_size, numel, device=device)
     rows = list(out)  # views: all_gather fills out
 
     def all_gather(row: torch.Tensor) -> torch.Tensor:
         dist.all_gather(rows, row)
         return out
-    return all_gather, f"{pieces}; partial sums gathered by {dist.get_backend()} all_gather"
+    return all_gather, f"{pieces}; partial sums gathered by {dist.get_backend()} all_gather", None
 
 
 class KeyedDropout(nn.Module):

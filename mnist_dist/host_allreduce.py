@@ -8,7 +8,8 @@ published the same number, and sums the slots in rank order. Every rank therefor
 averages, and two ranks get exactly what gloo gives ((a + b) / 2). DDP stays in charge of buckets,
 hooks and parameter broadcast; this is only its comm hook.
 
-Layout of the block: a 64-byte header per rank (sequence number, pid), then two halves (used by
+Layout of the block: a 64-byte header per rank (sequence number, pid, arrival time of each half's call),
+then two halves (used by
 alternate calls, so a fast rank never overwrites a slot that a slow rank is still reading), each with
 one slot of `numel` float32 per rank. The block is unlinked as soon as every rank has mapped it: no
 file is left behind, however the job ends. Ordering relies on x86's store order (TSO); on other CPUs,
@@ -36,6 +37,8 @@ class HostAllReduce:
         header = memoryview(block)[:HEADER * world_size].cast("q")  # 8 int64 per rank
         self.seqs = header[0::8]   # seqs[r]: how many buckets rank r has published
         self.pids = header[1::8]
+        self.arrivals = (header[2::8], header[3::8])  # when each rank arrived at the call using half 0 / 1
+        self.waited = 0.0  # seconds the other ranks kept this one waiting, since the last take_waited()
         self.slots = torch.frombuffer(block, dtype=torch.float32, offset=HEADER * world_size,
                                       count=2 * world_size * numel).view(2, world_size, numel)
         self.calls = 0
@@ -59,11 +62,20 @@ class HostAllReduce:
         block, valid until this rank's next call (no rank can overwrite it before then)."""
         n = values.numel()
         self.calls += 1
-        half = self.slots[self.calls % 2]
+        half, arrivals = self.slots[self.calls % 2], self.arrivals[self.calls % 2]
         half[self.rank, :n].copy_(values)
+        arrivals[self.rank] = time.monotonic_ns()
         self.seqs[self.rank] = self.calls  # publish after the copy: x86 keeps stores in order
         self.wait_for(self.calls)
+        # from this rank's arrival to the last one's: time a rank spent frozen in the spin (a CPU quota, an
+        # oversubscribed host) is its own slowness, not waiting for the others
+        self.waited += (max(arrivals) - arrivals[self.rank]) / 1e9
         return half[:, :n]
+
+    def take_waited(self) -> float:
+        """Seconds the other ranks kept this one waiting since the last call (rank_timing's meter)."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
     def wait_for(self, calls: int) -> None:
         """Spin while the others are about to arrive (they compute on their own cores); after 2 ms

@@ -105,6 +105,33 @@ def curves(history: list[dict]) -> Figure:
     return fig
 
 
+def rank_times(history: list[dict], many: int = 16) -> Figure:
+    """Each rank's compute and wait per step (ms) against the step, from metrics.jsonl's interval records;
+    past `many` ranks, the min, median and max over the ranks. A straggler computes long and waits little."""
+    rows = [r for r in history if "rank_compute_s" in r and r.get("interval_steps")]
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in zip(axes, ("rank_compute_s", "rank_wait_s"), ("compute", "wait in the exchange"),
+                              strict=True):
+        if rows:
+            steps = [r["step"] for r in rows]
+            per_step = [[1000 * v / r["interval_steps"] for v in r[key]] for r in rows]  # [interval][rank]
+            ranks = list(zip(*per_step, strict=True))
+            if len(ranks) <= many:
+                for rank, values in enumerate(ranks):
+                    ax.plot(steps, values, lw=1, label=f"rank {rank}")
+            else:
+                ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.3,
+                                label="min to max")
+                ax.plot(steps, [sorted(v)[len(v) // 2] for v in per_step], lw=1, label="median")
+        ax.set_xlabel("step")
+        ax.set_title(f"{title} per step, each rank")
+    axes[0].set_ylabel("ms per step")
+    if rows:
+        axes[1].legend(fontsize=7, loc="upper right")
+    return fig
+
+
 def sweep_plot(rows: list[dict], keys: list[str]) -> Figure:
     """Test accuracy against each swept value (one panel per swept setting)."""
     fig = Figure(figsize=(4.2 * max(len(keys), 1), 3.6), layout="constrained")

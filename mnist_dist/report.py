@@ -1,5 +1,5 @@
-"""`mnist-dist report RUN_DIR`: predictions.png, confusion_matrix.png and curves.png, from the run dir
-alone (metrics.jsonl + the newest checkpoint + the test data)."""
+"""`mnist-dist report RUN_DIR`: predictions.png, confusion_matrix.png, curves.png and ranks.png (each rank's
+compute and wait per step), from the run dir alone (metrics.jsonl + the newest checkpoint + the test data)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n:
     out_dir.mkdir(parents=True, exist_ok=True)
     idx = pick_grid(result, labels, n, mistakes_only)
     title = f"{'mistakes: ' if mistakes_only else ''}predicted / true, step {found[0]['step']}"
-    return [
+    written = [
         plots.save(
             plots.prediction_grid(data.to_pixels(images[idx]), result.predictions[idx], labels[idx], title=title),
             out_dir / "predictions.png",
@@ -40,6 +40,9 @@ def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n:
         plots.save(plots.confusion_matrix(result.confusion), out_dir / "confusion_matrix.png"),
         plots.save(plots.curves(history), out_dir / "curves.png"),
     ]
+    if any("rank_compute_s" in r for r in history):  # per-rank timing was on
+        written.append(plots.save(plots.rank_times(history), out_dir / "ranks.png"))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

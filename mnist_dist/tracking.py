@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .config import Config
 from .data import to_pixels
 from .errors import WriteFailed
 from .files import atomic_write_text
+from .progress_display import make_display
 from .wandb_mirror import MirrorProcess, new_run_id, resolve_mode
 
 GRID_IMAGES = 40  # test images in the W&B prediction grid
@@ -35,6 +37,10 @@ class NullTracker:
 
     def log(self, record: dict) -> None: ...
     def say(self, *parts: Any) -> None: ...
+    def event(self, record: dict, line: str, level: str) -> None: ...
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int, samples_per_step: int) -> None: ...
+    def stepped(self, done: int) -> None: ...
+    def end_epoch(self) -> None: ...
     def figures(self, step: int, result, test: tuple | None) -> None: ...
     def write_summary(self, summary: dict) -> None: ...
     def close(self) -> None: ...
@@ -47,6 +53,7 @@ class Tracker(NullTracker):
         self.metrics = None
         self.summary: dict | None = None
         self.wandb_mode = resolve_mode(cfg.wandb)
+        self.display = make_display(cfg.progress)  # progress within an epoch
         # started now, so that it imports wandb while this process imports the rest and loads the data
         self.mirror = MirrorProcess() if self.wandb_mode != "disabled" else None
 
@@ -70,6 +77,24 @@ class Tracker(NullTracker):
         self.append(json.dumps(record) + "\n")
         if self.mirror:
             self.mirror.send("log", record)
+        if "train_loss" in record:
+            self.display.note(record["train_loss"])
+
+    def event(self, record: dict, line: str, level: str) -> None:
+        """A diagnosis (slowdown.py): a record, one line on stderr, and a W&B alert when online."""
+        self.log(record)
+        self.display.write(f"mnist-dist: {level}: {line}", file=sys.stderr)
+        if self.mirror:
+            self.mirror.send("alert", {"title": record["event"].replace("_", " "), "text": line, "level": level})
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int, samples_per_step: int) -> None:
+        self.display.start_epoch(epoch, epochs, steps, done, samples_per_step)
+
+    def stepped(self, done: int) -> None:
+        self.display.step(done)
+
+    def end_epoch(self) -> None:
+        self.display.end_epoch()
 
     def append(self, text: str) -> None:
         """Add to metrics.jsonl, a line at a time (flushed here)."""
@@ -81,7 +106,7 @@ class Tracker(NullTracker):
             raise WriteFailed(self.run_dir / "metrics.jsonl", err) from None
 
     def say(self, *parts: Any) -> None:
-        print(*parts, flush=True)
+        self.display.write(" ".join(str(p) for p in parts))
 
     def figures(self, step: int, result, test: tuple | None) -> None:
         """Hand the evaluation (an evaluate.Evaluation of the test images and labels) to the mirror,
@@ -100,7 +125,8 @@ class Tracker(NullTracker):
         self.summary = summary
 
     def close(self) -> None:
-        """Close metrics.jsonl and let W&B finish (with the summary, if the run got that far)."""
+        """Close the progress bar and metrics.jsonl and let W&B finish (with the summary, if the run got that far)."""
+        self.display.end_epoch()
         if self.metrics:
             with contextlib.suppress(OSError):  # a failed write was reported where it happened
                 self.metrics.close()

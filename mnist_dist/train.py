@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import PROCESS_START, checkpoint, data, distributed, optim, progress
+from . import PROCESS_START, checkpoint, data, distributed, optim, progress, rank_timing, slowdown
 from .checkpoint import Checkpointer, EpochTally, TrainState
 from .config import Config, parse_config
 from .ddp import wrap_ddp
@@ -30,7 +30,9 @@ from .exact import ExactStep, one_thread
 from .job import Job
 from .model import build, check_fits
 from .profiling import StepProfiler
+from .rank_timing import RankTiming
 from .signals import StopFlag
+from .slowdown import Interval, SlowdownWatch
 from .tracking import NullTracker
 
 
@@ -67,14 +69,19 @@ class Trainer:
         self.model, self.opt = self.build_model()
         self.ckpt = Checkpointer(cfg, enabled=env.is_main)
         self.start_from(ckpt)
+        # each rank's compute and wait per interval: the exchange is timed, the rest is compute
+        self.timing = RankTiming.wanted(cfg.straggler_factor > 0, self.device, W, env.rank)
         if cfg.exact:  # no DDP: ExactStep makes the gradients, the same bits for any world size
             self.ddp, self.exact = self.model, ExactStep(self.model, cfg, env, self.device)
             how = self.exact.how
+            if self.exact.gather:
+                self.exact.gather = self.timing.timed(self.exact.gather, self.exact.shared)
         else:
-            self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce)
+            self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce, self.timing.hook)
             self.exact = None
         self.averages_gradients = W > 1  # read every step: the one check there
         tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {how}")
+        self.slowdown = self.watch_slowdown(how)
         self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
         # DistributedSampler pads the data to a multiple of the world size; --exact to whole global batches
         n = len(self.train_y)
@@ -102,7 +109,7 @@ class Trainer:
                         path = self.save()
                         if stopping:
                             raise Preempted(self.stop.signum, state.step, str(path))
-                    self.t_sync = time.perf_counter()  # checkpointing and logging are not training time
+                    self.restart_clock()  # checkpointing and logging are not training time
             self.end_epoch()
         return self.summary()
 
@@ -113,6 +120,22 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build(cfg.model, cfg.hidden).to(self.device)
         return model, optim.make_adam(model, cfg.lr)
+
+    def watch_slowdown(self, how: str) -> SlowdownWatch:
+        """Who judges the per-rank figures, with the hosts (logged once per run, where they changed) and
+        the link the exchange travels (none to judge for CPU ranks on one host: waiting there is the
+        scheduler's doing)."""
+        hosts = rank_timing.gather_hosts(self.env.world_size, self.device)
+        if not any(r.get("hosts") == hosts for r in self.state.metrics):
+            self.tracker.log({"step": self.state.step, "hosts": hosts})
+        if self.exact:
+            payload = self.exact.root.numel() * 4
+            bus = slowdown.bus_bytes(payload, self.env.world_size, "all_gather")
+        else:
+            payload = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            bus = slowdown.bus_bytes(payload, self.env.world_size)
+        link = slowdown.link(self.device.type, hosts, through_shared_memory="shared memory" in how)
+        return SlowdownWatch(self.cfg.straggler_factor, hosts, link, payload, bus)
 
     def warn_if_progress_lost(self, resumed: int) -> None:
         """Every node's first rank notes each checkpoint rank 0 saves (step and host) in its own run dir.
@@ -144,9 +167,16 @@ class Trainer:
                  else data.epoch_indices(n, rank, W, cfg.seed, epoch, self.device))
         for group in self.opt.param_groups:  # derived from the epoch, so a resumed run gets the same value
             group["lr"] = cfg.lr * cfg.lr_decay ** epoch
-        self.epoch_seconds, self.epoch_samples, self.t_sync = 0.0, 0, time.perf_counter()
+        self.epoch_seconds, self.epoch_samples = 0.0, 0
+        self.restart_clock()
+        self.tracker.start_epoch(epoch + 1, cfg.epochs, self.steps_per_epoch, self.state.batch_in_epoch, cfg.batch_size)
         progress.enter("training step")
         return order
+
+    def restart_clock(self) -> None:
+        """The interval's training time starts now (on the GPU's stream too: rank_timing)."""
+        self.t_sync = time.perf_counter()
+        self.timing.begin()
 
     def train_step(self, order: torch.Tensor) -> None:
         """One global batch: forward, backward (DDP averages the gradients; or ExactStep), Adam. No host sync."""
@@ -163,10 +193,12 @@ class Trainer:
             if self.averages_gradients:
                 progress.entering("DDP's gradient averaging, in backward")
             loss.backward()
+            self.timing.after_backward()
         optim.step(self.opt)  # and clears the gradients
         self.pending.append((loss.detach(), logits.detach(), y))
         s.batch_in_epoch, s.step = s.batch_in_epoch + 1, s.step + 1
         progress.made(s.step)  # what the hang watchdog watches
+        self.tracker.stepped(s.batch_in_epoch)
         if self.profiler:
             self.profiler.after(s.step)
 
@@ -178,25 +210,32 @@ class Trainer:
         return len(self.pending) >= self.log_every or self.epoch_over or self.ckpt.due(self.state.step)
 
     def sync(self) -> bool:
-        """The sync point: one all_reduce carries the interval's losses, right answers and stop flags.
-        Logs the interval; returns whether any rank got a stop signal."""
+        """The sync point: one all_reduce carries the interval's losses, right answers, stop flags and
+        every rank's compute and wait seconds. Logs the interval, says when a rank or the link is slow;
+        returns whether any rank got a stop signal."""
         progress.enter("sync point")
         losses, logits, labels = zip(*self.pending, strict=True)
         labels = torch.cat(labels)
-        samples = len(labels) * self.env.world_size
+        samples, steps = len(labels) * self.env.world_size, len(losses)
         right = (torch.cat(logits).argmax(1) == labels).sum().float()
         signum = torch.tensor([float(self.stop.signum)], device=self.device)
+        times = self.timing.slots(time.perf_counter() - self.t_sync)  # this rank's, in its own slots
         losses = torch.stack(losses)  # each rank's mean loss of its equal share; --exact's: the global batch's
-        packet = torch.cat([right.view(1), signum] + ([] if self.exact else [losses]))
-        progress.entering("all_reduce of the sync point (losses, right answers, stop flags)")
+        packet = torch.cat([right.view(1), signum, times] + ([] if self.exact else [losses]))
+        progress.entering("all_reduce of the sync point (losses, right answers, stop flags, per-rank times)")
         dist.all_reduce(packet)
         n_correct, stopping, *summed = packet.tolist()  # host-device sync point
+        times, summed = summed[:len(times)], summed[len(times):]
         step_losses = losses.tolist() if self.exact else [v / self.env.world_size for v in summed]
         self.check_finite(step_losses)
         now = time.perf_counter()
-        self.tracker.log({"step": self.state.step, "epoch": self.state.epoch + 1,
-                          "train_loss": sum(step_losses) / len(step_losses), "lr": self.opt.param_groups[0]["lr"],
-                          "samples_per_s": samples / (now - self.t_sync)})
+        s = self.state
+        interval = Interval(steps, *rank_timing.split(times, self.env.world_size))  # empty with --straggler-factor 0
+        self.tracker.log({"step": s.step, "epoch": s.epoch + 1, "train_loss": sum(step_losses) / len(step_losses),
+                          "lr": self.opt.param_groups[0]["lr"], "samples_per_s": samples / (now - self.t_sync),
+                          **interval.as_record()})
+        for event in self.slowdown.judge(s.step, s.epoch + 1, interval):
+            self.tracker.event(event.record, event.line, event.level)
         self.state.epoch_tally.add(step_losses, n_correct, samples)
         self.pending.clear()
         self.epoch_seconds += now - self.t_sync
@@ -226,6 +265,7 @@ class Trainer:
         """Rank 0 evaluates the unwrapped model while the others wait for its numbers; the epoch's record,
         checkpoint and line. A stop signal that came during the epoch's last steps stops the run here."""
         s, tally = self.state, self.state.epoch_tally
+        self.tracker.end_epoch()
         self.train_seconds += self.epoch_seconds
         progress.enter("evaluation")
         t_eval = time.perf_counter()

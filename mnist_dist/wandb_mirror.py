@@ -4,7 +4,8 @@ Rank 0 starts it first thing (`MirrorProcess`), so importing wandb and matplotli
 run overlap rank 0's own start-up, and drawing the pictures after each evaluation overlaps the next
 epoch instead of holding up training. Rank 0 writes one JSON object a line to the child's stdin:
 
-    {"init": {"config", "run_dir", "run_id", "mode"}}  {"log": record}  {"figures": {...}}  {"finish": {...}}
+    {"init": {"config", "run_dir", "run_id", "mode"}}  {"log": record}  {"figures": {...}}  {"alert": {...}}
+    {"finish": {...}}
 
 A resumed run passes the run id saved in its checkpoint, so the curves continue in the same W&B run.
 Any W&B problem (not installed, no network, init timeout, quota) warns once and ends the child;
@@ -24,6 +25,7 @@ import os
 import queue
 import secrets
 import signal
+import statistics
 import string
 import subprocess
 import sys
@@ -33,6 +35,8 @@ from urllib.parse import urlparse
 
 from .errors import first_line, warn
 from .signals import STOP_SIGNALS
+
+MANY_RANKS = 16  # per-rank lists longer than this are logged as min / median / max, not a series per rank
 
 
 def wait_limit_s() -> float:
@@ -153,13 +157,25 @@ class Mirror:
         )
 
     def log(self, record: dict) -> None:
+        """A metrics.jsonl record; a list (per class, per rank) as one series per entry, or, past
+        MANY_RANKS entries, as its min, median, max and the rank of the max."""
         flat = {}
         for key, value in record.items():
-            if isinstance(value, list):
+            if isinstance(value, list) and len(value) > MANY_RANKS:
+                top = max(range(len(value)), key=value.__getitem__)
+                flat.update({f"{key}/min": min(value), f"{key}/median": statistics.median(value),
+                             f"{key}/max": value[top], f"{key}/max_rank": top})
+            elif isinstance(value, list):
                 flat.update({f"{key}/{i}": v for i, v in enumerate(value)})
             else:
                 flat[key] = value
         self.run.log(flat)
+
+    def alert(self, msg: dict) -> None:
+        """A diagnosis as a W&B alert (e-mail, Slack), where the run is online; its record is logged too."""
+        if not self.run.offline:
+            level = self.wandb.AlertLevel.WARN if msg["level"] == "warning" else self.wandb.AlertLevel.INFO
+            self.run.alert(title=msg["title"], text=msg["text"], level=level)
 
     def figures(self, msg: dict) -> None:
         """The prediction grid and confusion matrix as images, and W&B's interactive confusion matrix."""

@@ -8,6 +8,8 @@
   Flight Recorder dump returns `dump` (the generic one, which gloo uses, fails if asked).
 - `nccl_collectives(monkeypatch, world_size)`: an nccl process group of `world_size` ranks whose
   collectives only record their names (the tensors may live on the 'meta' device): a list of them.
+- `cuda_events(monkeypatch)`: torch.cuda.Event timed on the host: record() notes the time, elapsed_time()
+  gives milliseconds; returns the list of synchronize() calls.
 - `python tests/fakes.py GPUS -m MODULE ARGS...`: run MODULE in a process that sees GPUS fake GPUs
   (torchrun starts it like any script), to drive a real job through its device checks.
 """
@@ -94,6 +96,30 @@ def nccl_collectives(monkeypatch, world_size: int) -> list[str]:
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
         monkeypatch.setattr(dist, name, lambda *args, _name=name, **kwargs: calls.append(_name))
     return calls
+
+
+def cuda_events(monkeypatch) -> list[object]:
+    import time
+
+    synced: list[object] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing, "an event without timing cannot be measured"
+            self.at: float | None = None
+
+        def record(self, stream=None) -> None:
+            self.at = time.perf_counter()
+
+        def synchronize(self) -> None:
+            synced.append(self)
+
+        def elapsed_time(self, end: Event) -> float:
+            assert self.at is not None and end.at is not None, "both events must be recorded"
+            return (end.at - self.at) * 1000
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    return synced
 
 
 _ON_CUDA = [False]

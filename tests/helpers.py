@@ -2,6 +2,7 @@
 and the checks several files make (bitwise-equal models, polling)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -148,6 +149,46 @@ def send_when_step(proc: subprocess.Popen, run_dir: Path, sig: int, min_step: in
     assert proc.poll() is None, f"run ended before step {min_step}: {proc.communicate()}"
     os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
 
+
+
+def cpu_quota_unavailable() -> str | None:
+    """Why a process cannot be held to a CPU quota here (None: it can)."""
+    v1, v2 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cgroup.controllers")
+    if v1.exists():
+        return None if os.access(v1.parent, os.W_OK) else "cgroup v1's cpu hierarchy is not writable"
+    if v2.exists() and "cpu" in v2.read_text().split():
+        return None if os.access(v2.parent, os.W_OK) else "the cgroup v2 root is not writable"
+    return "no cgroup cpu controller (v1 cpu.cfs_quota_us or v2 cpu.max)"
+
+
+@contextlib.contextmanager
+def cpu_quota(pid: int, share: float):
+    """Hold process `pid` (all its threads) to `share` of one CPU, as a throttled or noisy node would be:
+    a cgroup with a CFS quota (v1 cpu.cfs_quota_us, or v2 cpu.max). Yields a function that lifts the
+    quota; the cgroup is removed at the end, also on failure."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    root = v1 if (v1 / "cpu.cfs_quota_us").exists() else Path("/sys/fs/cgroup")
+    group = root / f"mnist-dist-test-{os.getpid()}-{pid}"
+    group.mkdir()
+    quota = str(int(share * 100_000))
+    try:
+        if root == v1:
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text(quota)
+        else:
+            with contextlib.suppress(OSError):  # a child of the root gets the cpu controller only when asked
+                (root / "cgroup.subtree_control").write_text("+cpu")
+            (group / "cpu.max").write_text(f"{quota} 100000")
+        (group / "cgroup.procs").write_text(str(pid))
+
+        def lift() -> None:
+            for member in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(OSError):  # exited meanwhile
+                    (root / "cgroup.procs").write_text(member)
+        yield lift
+    finally:
+        lift()
+        group.rmdir()
 
 
 def assert_same_params(run: Path, reference: Path) -> None:

@@ -1,5 +1,5 @@
-"""What the suite leaves behind: the processes it started, network namespaces, veths, mounts and /etc/hosts
-lines. conftest.py takes a snapshot when the session starts and fails the run if anything is still there
+"""What the suite leaves behind: the processes it started, network namespaces, veths, mounts, cgroups and
+/etc/hosts lines. conftest.py takes a snapshot when the session starts and fails the run if anything is still there
 when it ends (after every fixture's teardown), listing what it found; then it removes it.
 
 Every process a test starts inherits MARK in its environment (torchrun's ranks, Slurm's daemons and the
@@ -51,6 +51,15 @@ def _lines(argv: list[str]) -> set[str]:
     return set(out.stdout.splitlines()) if out.returncode == 0 else set()
 
 
+CGROUP_ROOTS = (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup"))  # cgroup v1's cpu hierarchy, v2's
+
+
+def _cgroups() -> set[str]:
+    """The cgroups one level below the CPU hierarchies' roots (where tests/helpers.cpu_quota makes its own)."""
+    return {str(d) for root in CGROUP_ROOTS if root.is_dir() for d in root.iterdir()
+            if d.is_dir() and (d / "cgroup.procs").exists()}
+
+
 def _mounts() -> set[str]:
     return {" ".join(line.split()[3:5]) for line in Path("/proc/self/mountinfo").read_text().splitlines()}
 
@@ -61,6 +70,7 @@ class Snapshot:
     veths: set[str] = field(default_factory=lambda: {line.split(":")[1].split("@")[0].strip()
                                                      for line in _lines(["ip", "-o", "link", "show", "type", "veth"])})
     mounts: set[str] = field(default_factory=_mounts)
+    cgroups: set[str] = field(default_factory=_cgroups)
     etc_hosts: set[str] = field(default_factory=lambda: set(Path("/etc/hosts").read_text().splitlines()))
 
 
@@ -71,19 +81,23 @@ def leftovers(session: str, before: Snapshot) -> list[str]:
     found += [f"network namespace {name}" for name in sorted(now.netns - before.netns)]
     found += [f"veth {name}" for name in sorted(now.veths - before.veths)]
     found += [f"mount {m}" for m in sorted(now.mounts - before.mounts)]
+    found += [f"cgroup {path}" for path in sorted(now.cgroups - before.cgroups)]
     found += [f"/etc/hosts line {line!r}" for line in sorted(now.etc_hosts - before.etc_hosts)]
     return found
 
 
 def remove(session: str, before: Snapshot) -> None:
     """Remove what leftovers() lists, as far as it can: kill -9 the processes (a namespace, veth or mount
-    held only by them goes with them); unmount the mounts; drop the /etc/hosts lines."""
+    held only by them goes with them); unmount the mounts; remove the cgroups; drop the /etc/hosts lines."""
     for pid in marked_processes(session):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     now = Snapshot()
     for mount in sorted(now.mounts - before.mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", mount.split()[1]], capture_output=True)
+    for path in now.cgroups - before.cgroups:  # empty now that its processes are gone
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
     for name in now.netns - before.netns:
         subprocess.run(["ip", "netns", "delete", name.split()[0]], capture_output=True)
     if added := now.etc_hosts - before.etc_hosts:

@@ -5,6 +5,7 @@ cannot be made."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import hosts as hosts_mod
-from helpers import SMALL_RUN, job_env, run_train, wait_for
+from helpers import SMALL_RUN, job_env, metrics, run_train, wait_for
 from hosts import Host, Hosts
 from mnist_dist.errors import EXIT_HUNG
 
@@ -152,6 +153,28 @@ def test_the_interface_chosen_for_gloo_and_nccl_is_the_one_routing_to_the_other_
     assert json.loads(out_b) == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "ib0"}  # the user's, kept
     assert all(code == 0 and json.loads(out) == {"GLOO_SOCKET_IFNAME": None, "NCCL_SOCKET_IFNAME": None}
                for code, out, _, _ in alone)
+
+
+def test_a_slow_link_is_said_once_with_its_rate_and_interface(small_data, tmp_path):
+    """Two hosts joined by a 40 Mbit/s link (htb, both ways), one rank each: rank 0 says once that the job
+    is communication-bound, at a bus rate within 2x of the link's 5 MB/s, over eth0; nobody is named slow."""
+    run = tmp_path / "run"
+    flags = ("--data-dir", str(small_data), "--run-dir", str(run), "--epochs", "2", "--batch-size", "64",
+             "--log-every", "4")
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        for host in hosts:
+            host.limit("40mbit")
+        procs = [h.start(torchrun("static", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        results = finish(procs, hosts, timeout=120)
+    assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    said_a, said_b = said(results[0][2]), said(results[1][2])
+    lines = [line for line in said_a.splitlines() if "communication-bound:" in line]
+    assert len(lines) == 1 and lines[0].startswith("mnist-dist: note: communication-bound: "), said_a
+    rate = float(re.search(r"at ([\d.]+) MB/s over eth0", lines[0])[1])
+    assert 2.5 <= rate <= 10, lines[0]
+    assert "slower than the median" not in said_a + said_b and "communication-bound" not in said_b
+    [event] = [r for r in metrics(run) if r.get("event") == "communication_bound"]
+    assert event["link"] == "eth0" and event["bus_mb_per_s"] == pytest.approx(rate, abs=0.05)
 
 
 @pytest.mark.parametrize("wrong", [0, 1], ids=["on-A", "on-B"])

@@ -4,16 +4,13 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from helpers import children, job_env, metrics, run_train, send_when_step, start_train, summary, wait_for
-from wandb_records import records, summarize
+from wandb_records import records, run_files, summarize
 from mnist_dist.wandb_mirror import resolve_mode
-
-
-def run_files(run_dir):
-    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_offline_run_logs_config_metrics_images_and_summary(tiny_data, tmp_path):
@@ -57,7 +54,8 @@ def test_resumed_run_continues_the_same_wandb_run(medium_data, tmp_path):
     assert proc.returncode == 75
     [first] = run_files(run)
     stopped = summarize(first)
-    assert [h["step"] for h in stopped["history"] if "train_loss" in h] == [r["step"] for r in metrics(run)]
+    assert [h["step"] for h in stopped["history"] if "train_loss" in h] == [
+        r["step"] for r in metrics(run) if "train_loss" in r]
     assert stopped["exit_code"] == 0
     res = run_train(1, medium_data, run, *flags)
     assert res.returncode == 0, res.stderr
@@ -113,3 +111,27 @@ def test_unreachable_wandb_server_keeps_the_run_offline(medium_data, tmp_path):
 ])
 def test_auto_mode(choice, env, want):
     assert resolve_mode(choice, env) == want
+
+
+def test_many_ranks_are_summarised_and_a_diagnosis_alerts_only_online():
+    """Past 16 ranks a per-rank list is logged as min / median / max / max_rank, not 20 series; a straggler
+    or communication-bound line becomes a wandb.alert on an online run (no server here: the run that
+    receives them is a recorder; W&B's own AlertLevel), and only the record on an offline one."""
+    import wandb
+
+    from mnist_dist.wandb_mirror import Mirror
+
+    logged, alerts = [], []
+    run = SimpleNamespace(offline=False, log=logged.append, alert=lambda **kw: alerts.append(kw))
+    mirror = Mirror(wandb, plots=None)
+    mirror.run = run
+    mirror.log({"step": 5, "rank_compute_s": [0.1] * 3 + [0.5] + [0.1] * 16, "rank_wait_s": [0.2, 0.3]})
+    assert logged == [{"step": 5, "rank_compute_s/min": 0.1, "rank_compute_s/median": 0.1,
+                       "rank_compute_s/max": 0.5, "rank_compute_s/max_rank": 3,
+                       "rank_wait_s/0": 0.2, "rank_wait_s/1": 0.3}]
+    line = {"title": "straggler", "text": "rank 3 on node7 is 5.0x slower than the median rank", "level": "warning"}
+    mirror.alert(line)
+    assert alerts == [{"title": "straggler", "text": line["text"], "level": wandb.AlertLevel.WARN}]
+    run.offline = True
+    mirror.alert(line)
+    assert len(alerts) == 1

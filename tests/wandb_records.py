@@ -11,6 +11,11 @@ HEADER = 7  # b":W&B", magic 0xBEE1 (2 bytes), version (1 byte)
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
+def run_files(run_dir: Path) -> list[Path]:
+    """The offline W&B runs' transaction logs in a run dir."""
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
