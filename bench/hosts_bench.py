@@ -4,7 +4,8 @@ rank each, gloo over the link, unlimited and with htb rate limits. Needs root.
     python bench/hosts_bench.py --data-dir ../shared/data [--epochs 1] [--rates unlimited,1gbit]
 
 Prints one line per rate: the epoch's training seconds (metrics.jsonl's epoch_train_s on rank 0) and
-samples/s, the mean over the epochs after the first.
+samples/s, the mean over the epochs after the first; and the bus rate that the job's communication-bound
+note measured, if it said one.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def two_hosts(data: str, epochs: int, rate: str, work: Path) -> list[dict]:
             _, err = proc.communicate(timeout=1800)
             if proc.returncode:
                 raise SystemExit(f"the {rate} run failed: {err[-2000:]}")
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epoch_train_s" in r]
+    return list(map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
 
 
 def main() -> None:
@@ -51,11 +52,15 @@ def main() -> None:
     work = ROOT / "runs" / "hosts-bench"
     work.mkdir(parents=True, exist_ok=True)
     for rate in args.rates.split(","):
-        epochs = two_hosts(str(Path(args.data_dir).resolve()), args.epochs, rate, work)
+        records = two_hosts(str(Path(args.data_dir).resolve()), args.epochs, rate, work)
+        epochs = [r for r in records if "epoch_train_s" in r]
         timed = epochs[1:] or epochs
         seconds = sum(r["epoch_train_s"] for r in timed) / len(timed)
+        bound = [f"communication-bound at {r['bus_mb_per_s']:.1f} MB/s ({r['wait_share']:.0%} of each step waits)"
+                 for r in records if r.get("event") == "communication_bound"]
         print(f"2 hosts x 1 rank, gloo over a veth, {rate:>9}: {seconds:5.2f} s an epoch "
-              f"({60000 / seconds:,.0f} samples/s), test_acc {epochs[-1]['test_acc']:.2%}", flush=True)
+              f"({60000 / seconds:,.0f} samples/s), test_acc {epochs[-1]['test_acc']:.2%}; "
+              f"{bound[0] if bound else 'not communication-bound'}", flush=True)
 
 
 if __name__ == "__main__":
