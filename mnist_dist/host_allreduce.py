@@ -25,7 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .errors import UsageError
+from . import container
+from .errors import UsageError, warn
 
 HEADER = 64  # bytes per rank: one cache line, so ranks publishing their numbers do not contend
 SHM_DIR = "/dev/shm"
@@ -115,6 +116,8 @@ def attach(rank: int, world_size: int, numel: int, timeout_s: float = 600) -> Ho
     path = os.path.join(SHM_DIR, f"mnist-dist-{bytes(name.tolist()).hex()}")
     size = HEADER * world_size + 2 * world_size * numel * 4
     created = torch.tensor([1.0 if rank != 0 or create(path, size) else 0.0])
+    if not created.item() and shm_full(SHM_DIR, size):  # rank 0 says why (all ranks share this host, if any)
+        warn(container.shm_shortfall(SHM_DIR, size))
     dist.all_reduce(created, op=dist.ReduceOp.MIN)  # everyone learns whether rank 0 made the block
     block = open_block(path, size) if created.item() else None
     mapped = torch.tensor([0.0 if block is None else 1.0])
@@ -160,6 +163,15 @@ def create(path: str, size: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def shm_full(folder: str, size: int) -> bool:
+    """Whether `folder` exists but has less than `size` bytes free (and not: another host, another CPU)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < size
 
 
 def open_block(path: str, size: int) -> mmap.mmap | None:

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import torch.distributed as dist
 
-from . import devices, distributed, run_dir
+from . import container, devices, distributed, run_dir
 from .checkpoint import checkpoint_dir, resume_hint
 from .config import Config
 from .distributed import DistEnv, Ranks
-from .errors import EXIT_ERROR, JobError, PeerStopped, WriteFailed, first_line, print_error, say
+from .errors import EXIT_ERROR, JobError, PeerStopped, WriteFailed, first_line, print_error, say, warn
 from .tracking import NullTracker, make_tracker
 from .watchdog import Failure, Watchdog
 
@@ -32,6 +32,8 @@ class Job:
         """Join the process group, start the watchdog and the tracker, check every rank's flags against
         rank 0's, claim the run dir."""
         cfg, env = self.cfg, self.env
+        if env.is_local_main and (line := container.pid1_warning()):
+            warn(line)
         timeout = distributed.collective_timeout(cfg.start_timeout, cfg.hang_timeout)
         store = distributed.connect(env, timeout, cfg.start_timeout)
         # from here on, a failure reaches every rank

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, inference, plots
+from . import checkpoint, container, data, inference, plots
 from .errors import UsageError
 
 
@@ -22,6 +22,7 @@ def pick_grid(result, labels: torch.Tensor, n: int, mistakes_only: bool) -> torc
 def report(run_dir: str, data_dir: str | None = None, out: str | None = None, n: int = 40,
            mistakes_only: bool = False, verify: bool = True) -> list[Path]:
     run = Path(run_dir)
+    container.home_elsewhere(out or run)  # matplotlib's cache where HOME is not usable
     found = checkpoint.newest_valid(checkpoint.checkpoint_dir(run))
     if found is None:
         raise UsageError(f"no checkpoint in {checkpoint.checkpoint_dir(run)}: train first")

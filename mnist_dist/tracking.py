@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import container
 from .config import Config
 from .data import to_pixels
 from .errors import WriteFailed
@@ -52,6 +53,9 @@ class Tracker(NullTracker):
         self.history: list[dict] = []
         self.metrics = None
         self.summary: dict | None = None
+        # W&B's and matplotlib's folders under the run dir where HOME is not usable (containers); before
+        # the mirror starts: it inherits them
+        container.home_elsewhere(cfg.run_dir)
         self.wandb_mode = resolve_mode(cfg.wandb)
         self.display = make_display(cfg.progress)  # progress within an epoch
         # started now, so that it imports wandb while this process imports the rest and loads the data

@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from . import postmortem, progress
+from .container import INIT_FIXES
 from .distributed import DistEnv, host_identity
 from .errors import EXIT_ERROR, EXIT_HUNG, PeerStopped, exit_process, print_error
 
@@ -294,6 +295,9 @@ def stop_cut_off_agent() -> str:
         return f"torchrun's agent still reaches its rendezvous at {endpoint}: left to restart the group"
     except (OSError, ValueError):
         pass
+    if agent == 1:  # the kernel drops kill -9 to its PID namespace's first process from inside
+        return (f"torchrun's agent is PID 1 of this container, which nothing inside it can end: its command waits "
+                f"for TCP to give up (about 15 minutes); start it under an init: {INIT_FIXES}")
     with contextlib.suppress(OSError):
         os.kill(agent, signal.SIGKILL)
     return (f"torchrun's agent on this node (pid {agent}), cut off from its rendezvous at {endpoint}, is ended "

@@ -62,6 +62,8 @@ def checks(command: str) -> list[tuple[tuple[str, ...], list[str]]]:
         args = [w.split("=", 1)[1] for w in rest if w.startswith("ARGS=")]
         return [(TRAIN, shlex.split(args[0]))] if args else []
     if prog == "mnist-dist":
+        if rest[:2] == ["init", "--"]:  # a command run under the init
+            return checks(shlex.join(rest[2:]))
         if not rest or rest[0].startswith("-"):
             return [(CLI, rest)]
         return [(TRAIN if rest[0] == "train" else (*CLI, rest[0]), rest[1:])]
