@@ -159,3 +159,13 @@ def test_a_random_uid_without_a_writable_home_runs_as_completely_and_quietly(tmp
         for path, mode in modes.items():
             path.chmod(mode)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_users_own_folders_win_and_a_usable_home_changes_nothing(tmp_path):
+    from mnist_dist.container import home_elsewhere
+
+    mine = str(tmp_path / "mine")
+    environ = {"HOME": str(tmp_path / "no-such-home"), "MPLCONFIGDIR": mine}
+    assert home_elsewhere(tmp_path / "run", environ) == ["WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"]
+    assert environ["MPLCONFIGDIR"] == mine and environ["WANDB_DATA_DIR"] == str(tmp_path / "run/.home/wandb/data")
+    assert home_elsewhere(tmp_path / "run", {"HOME": str(tmp_path)}) == []
