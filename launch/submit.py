@@ -2,6 +2,7 @@
 
     python launch/submit.py --nodes 2 --gpus-per-node 4 --partition gpu --time 60 -- --epochs 10 --data-dir DIR
     python launch/submit.py --ntasks-per-node 2 --local -- --data-dir DIR
+    python launch/submit.py --nodes 2 --doctor --wait -- --data-dir DIR --run-dir RUN   # check the nodes first
 
 Everything after `--` is a `mnist-dist train` flag. Prints the job id, the log paths, the run dir and
 where W&B puts the run; --wait waits and prints the summary.
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from mnist_dist.config import parse_config  # noqa: E402
 from mnist_dist.errors import UsageError, print_error  # noqa: E402
-from mnist_dist.slurm_job import TrainJob  # noqa: E402
+from mnist_dist.slurm_job import DoctorJob, TrainJob  # noqa: E402
 
 
 def launcher_parser(description: str) -> argparse.ArgumentParser:
@@ -84,19 +85,26 @@ def checked_config(train_argv: list[str], args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     ours, train_argv = split_argv(sys.argv[1:] if argv is None else argv)
-    args = launcher_parser(__doc__).parse_args(ours)
+    parser = launcher_parser(__doc__)
+    parser.add_argument("--doctor", action="store_true", help="run `mnist-dist doctor` on the same tasks and dirs "
+                        "instead of training (with --wait: its report; exit 1 on a problem)")
+    args = parser.parse_args(ours)
     try:
         cfg = checked_config(train_argv, args)
     except UsageError as err:
         print_error(err)
         return err.exit_code
-    job = make_executor(args).submit(TrainJob(train_argv))
+    job = make_executor(args).submit((DoctorJob if args.doctor else TrainJob)(train_argv))
     print(f"submitted job {job.job_id}\n  stdout {job.paths.stdout}\n  stderr {job.paths.stderr}\n"
           f"  run dir {Path(cfg.run_dir).resolve()}\n  W&B: mode {cfg.wandb}, project {cfg.wandb_project} "
           f"(offline runs land in {Path(cfg.run_dir).resolve() / 'wandb'})", flush=True)
     if args.wait:
         results = job.results()
         print(json.dumps(results[0], indent=2))
+        if args.doctor:  # its table and lines are in the job's log (rank 0's)
+            print(Path(job.paths.stdout).read_text(), end="")
+            print(Path(job.paths.stderr).read_text(), end="", file=sys.stderr)
+            return max(r["doctor_exit_code"] for r in results)
     return 0
 
 

@@ -20,6 +20,7 @@ commands:
   report         pictures of a run: predictions.png, confusion_matrix.png, curves.png
   sweep-report   table and plot of a sweep's runs
   hangs          what each rank was doing at a run's newest hang (its post-mortem)
+  doctor         check the nodes before a job (start it as the job: torchrun, srun, submitit)
   init           run a command under a minimal init (containers without one): mnist-dist init -- torchrun ...
 
 `mnist-dist COMMAND -h` shows a command's flags."""
@@ -109,6 +110,12 @@ def cmd_sweep_report(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
+def cmd_doctor(argv: list[str]) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(argv)
+
+
 def cmd_init(argv: list[str]) -> int:
     from .container import init_main
 
@@ -124,6 +131,7 @@ def cmd_hangs(argv: list[str]) -> int:
 COMMANDS = {
     "hangs": cmd_hangs, "train": cmd_train, "download": cmd_download, "evaluate": cmd_evaluate, "predict": cmd_predict,
     "export": cmd_export, "report": cmd_report, "sweep-report": cmd_sweep_report, "init": cmd_init,
+    "doctor": cmd_doctor,
 }
 
 

@@ -15,6 +15,25 @@ from .config import parse_config
 from .errors import Preempted
 
 
+class DoctorJob:
+    """`mnist-dist doctor` on every task of the job, with the training flags' data dir, run dir and device."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self) -> dict:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        from . import doctor
+
+        cfg = parse_config(self.argv)
+        argv = ["--data-dir", cfg.data_dir, "--run-dir", cfg.run_dir, "--device", cfg.device,
+                *([] if cfg.verify_data else ["--no-verify-data"])]
+        code = doctor.main(argv)
+        return {"doctor_exit_code": code}
+
+
 class TrainJob:
     def __init__(self, argv: list[str]):
         self.argv = list(argv)

@@ -68,6 +68,9 @@ def checks(command: str) -> list[tuple[tuple[str, ...], list[str]]]:
             return [(CLI, rest)]
         return [(TRAIN if rest[0] == "train" else (*CLI, rest[0]), rest[1:])]
     if prog == "torchrun":
+        if "--no-python" in rest and "mnist-dist" in rest:  # torchrun ... --no-python mnist-dist COMMAND ...
+            i = rest.index("mnist-dist")
+            return [((sys.executable, "-m", "torch.distributed.run"), rest[:i]), *checks(shlex.join(rest[i:]))]
         if "-m" in rest:
             i = rest.index("-m")
             assert rest[i + 1] == "mnist_dist.train", command

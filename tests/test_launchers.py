@@ -1,6 +1,7 @@
 """The submitit launchers without Slurm (--local), and the launchers' own input checks."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,23 @@ def test_submit_local_runs_two_ranks(tiny_data, tmp_path):
                  "--", "--data-dir", str(tiny_data), "--no-verify-data", "--run-dir", str(run), "--epochs", "1")
     assert res.returncode == 0, res.stderr
     assert summary(run)["world_size"] == 2 and '"world_size": 2' in res.stdout
+
+
+def test_submit_doctor_checks_the_jobs_tasks_and_dirs(tiny_data, tmp_path):
+    """--doctor runs `mnist-dist doctor` on the tasks the job would get, with its --data-dir and --run-dir:
+    its table and verdict come back; a data dir without MNIST is one line and exit 1."""
+    common = ("--local", "--ntasks-per-node", "2", "--wait", "--doctor")
+    res = launch("submit.py", *common, "--folder", str(tmp_path / "ok" / "%j"), "--", "--data-dir", str(tiny_data),
+                 "--no-verify-data", "--run-dir", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr
+    assert "node " in res.stdout and "(ranks 0, 1)" in res.stdout and "1 node, 2 rank(s): all well" in res.stdout
+    bad = launch("submit.py", *common, "--folder", str(tmp_path / "bad" / "%j"), "--", "--data-dir",
+                 str(tmp_path / "none"), "--run-dir", str(tmp_path / "run"))
+    assert bad.returncode == 1
+    assert [line for line in bad.stderr.splitlines() if line.startswith("mnist-dist: error:")] == [
+        f"mnist-dist: error: rank {r} on {socket.gethostname()}: MNIST file train-images-idx3-ubyte is missing in "
+        f"{tmp_path / 'none' / 'MNIST' / 'raw'}: run `mnist-dist download --data-dir {tmp_path / 'none'}` on a machine "
+        f"with internet, or put the four IDX files in {tmp_path / 'none' / 'MNIST' / 'raw'}" for r in (0, 1)]
 
 
 def test_submit_refuses_bad_train_flags_before_queueing(tmp_path):

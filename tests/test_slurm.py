@@ -56,13 +56,16 @@ def sbatch(env: dict, tmp: Path, *args: str, script: str = "slurm/train.sbatch",
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sbatch_two_tasks_trains_with_world_size_two(slurm, tiny_data, tmp_path):
+def test_sbatch_two_tasks_trains_with_world_size_two_after_the_doctor(slurm, tiny_data, tmp_path):
     run = tmp_path / "run"
-    res = sbatch(slurm, tmp_path, "--no-verify-data", DATA_DIR=str(tiny_data), RUN_DIR=str(run), EPOCHS="1")
+    res = sbatch(slurm, tmp_path, "--no-verify-data", DATA_DIR=str(tiny_data), RUN_DIR=str(run), EPOCHS="1",
+                 DOCTOR="1")
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip()
     assert summary(run)["world_size"] == 2 and summary(run)["epochs"] == 1
     log = slurm_log(tmp_path, job)
+    assert "(ranks 0, 1)" in log and "1 node, 2 rank(s): all well" in log, "DOCTOR=1 checks the nodes first"
+    assert log.index("all well") < log.index("epoch 1/1")
     assert "restart 0" in log and "exit 0" in log and "test accuracy" in log
     assert log.count("epoch 1/1") == 1, "only rank 0 prints progress"
 
