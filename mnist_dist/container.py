@@ -104,14 +104,25 @@ def init_main(argv: list[str]) -> int:
         return 0 if argv else 2
     with contextlib.suppress(OSError, AttributeError):  # orphans come to us also where we are not PID 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    started: list[subprocess.Popen] = []
+    early: list[int] = []  # signals that came while the command was being started
+
+    def forward(signum: int, _frame) -> None:
+        if started:
+            started[0].send_signal(signum)
+        else:
+            early.append(signum)
+    for sig in FORWARDED:  # before the command starts: a signal that comes early must not end the init
+        with contextlib.suppress(OSError, ValueError):  # one Python may not handle
+            signal.signal(sig, forward)
     try:
         child = subprocess.Popen(argv)
     except OSError as err:
         print(f"mnist-dist: error: mnist-dist init cannot start {argv[0]}: {err.strerror}", file=sys.stderr)
         return 127
-    for sig in FORWARDED:
-        with contextlib.suppress(OSError, ValueError):  # one Python may not handle
-            signal.signal(sig, lambda signum, _frame: child.send_signal(signum))
+    started.append(child)
+    for signum in early:
+        child.send_signal(signum)
     while True:
         pid, status = os.wait()  # any child: the command, or an orphan handed to PID 1
         if pid == child.pid:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from . import data, devices, distributed
 from .errors import UsageError, first_line
 
-SLOW = 1.5          # a node whose probe takes this many times the median node's is named
+
 MAX_SKEW_S = 1.0    # clocks further apart than this are a problem (post-mortems, metrics disagree)
 MIN_DISK_GB = 1.0
 
@@ -98,17 +98,16 @@ def writable(run_dir: str) -> bool:
         return False
 
 
-def compute_probe(device: torch.device, n: int = 512, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n float32 matmul here (the best of `repeats`): a slow or throttled node shows."""
+def compute_probe(device: torch.device, n: int = 512, window_s: float = 0.25) -> float:
+    """GFLOP/s of n x n float32 matmuls here, sustained over `window_s` seconds (after one to warm up): a
+    slow, throttled or busy node shows."""
     a = torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    (a @ a).sum().item()
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < window_s or done < 2:
         (a @ a).sum().item()  # host sync: the product is done
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        done += 1
+    return 2 * n**3 * done / elapsed / 1e9
 
 
 def gpu_facts(device: torch.device) -> dict:
@@ -222,9 +221,10 @@ def allreduce_busbw(world_size: int, device: torch.device, mb: float) -> float:
 
 
 # --- the verdict ----------------------------------------------------------------------------------------
-def problems(ranks: list[dict], nodes: dict[str, list[int]], seen: dict[str, list[str]], pairs: list[dict]
-             ) -> list[str]:
-    """One line per problem, from every rank's facts, which node leaders saw which tokens, and the pairs."""
+def problems(ranks: list[dict], nodes: dict[str, list[int]], seen: dict[str, list[str]], pairs: list[dict],
+             slow: float = 1.5) -> list[str]:
+    """One line per problem, from every rank's facts, which node leaders saw which tokens, and the pairs;
+    a node whose compute probe is `slow` times under the median node's is named."""
     found = []
     for key in ("python", "torch", "cuda", "nccl"):
         values = {r[key] for r in ranks}
@@ -248,7 +248,7 @@ def problems(ranks: list[dict], nodes: dict[str, list[int]], seen: dict[str, lis
     speeds = {host: statistics.median(ranks[r]["compute_gflops"] for r in rs) for host, rs in nodes.items()}
     median = statistics.median(speeds.values())
     for host, speed in speeds.items():
-        if speed * SLOW < median:
+        if speed * slow < median:
             found.append(f"{host} computes {median / speed:.1f}x slower than the median node "
                          f"({speed:.0f} GFLOP/s vs {median:.0f})")
     for p in pairs:
@@ -297,6 +297,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                    help="only check that the four MNIST files are there, not their SHA-256")
+    p.add_argument("--slow-factor", type=float, default=1.5,
+                   help="name a node whose compute probe is this many times under the median node's")
     p.add_argument("--probe-mb", type=float, default=16, help="message size of the link and all_reduce probes")
     p.add_argument("--start-timeout", type=float, default=120, help="seconds for every rank to join")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -325,7 +327,8 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         distributed.shutdown(clean=True)
     seen = {ranks[r]["host"]: saw[r] for r in leaders}
     report = {"ranks": ranks, "nodes": nodes, "links": pairs, "allreduce_busbw_mb_per_s": round(busbw, 1)}
-    report["problems"] = problems(ranks, nodes, seen, pairs)  # on every rank: each exits 1 on a problem
+    # on every rank: each exits 1 on a problem
+    report["problems"] = problems(ranks, nodes, seen, pairs, args.slow_factor)
     if env.world_size == 1:
         report["not_checked"] = "one process: no other node to compare, no link or clock to measure"
     return report, [table(ranks, nodes, pairs, busbw)] if env.is_main else []

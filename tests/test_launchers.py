@@ -7,12 +7,16 @@ import sys
 
 from helpers import ROOT, job_env, summary
 
-from mnist_dist.distributed import first_host, read_env, slurm_port
+from mnist_dist.distributed import first_host, free_port, read_env, slurm_port
 from mnist_dist.sweep import expand, point_name
 
 
 def launch(script: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=cwd or ROOT, env=job_env(),
+    """submitit's local executor picks the ranks' port from the job id (a pid) in 20000-60000, which is
+    where the kernel's ephemeral ports live on a busy machine: the tests hand one job (submit.py) one that is
+    free (a sweep's several jobs need one each: submitit's own pick)."""
+    env = job_env(MASTER_PORT=str(free_port())) if script == "submit.py" else job_env()
+    return subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
