@@ -69,7 +69,7 @@ def test_the_live_ranks_post_mortem_shows_it_waiting_in_a_training_collective(st
     collective = report["last collective"]
     assert (report["phase"], collective.split(" (entered")[0]) in {
         ("training step", "DDP's gradient averaging, in backward"),
-        ("sync point", "all_reduce of the sync point (losses, right answers, stop flags)")}, report
+        ("sync point", "all_reduce of the sync point (losses, right answers, stop flags, per-rank times)")}, report
     assert report["frame"].split()[0] in {"wait_for", "average", "hook", "train_step", "sync"}, report["frame"]
     assert report["waiting for"] == f"rank {stopped_job['stopped']}"
     assert f"(pid {stopped_job['pid']}) seen from /proc on" in (folder / f"rank-{live}.txt").read_text()
