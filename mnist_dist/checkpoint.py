@@ -85,10 +85,12 @@ REQUIRED = ("format_version", "model", "optimizer", "rng", "config", "world_size
 
 
 def snapshot(state: TrainState, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: Config, world_size: int,
-             device: torch.device) -> dict:
-    """The checkpoint of this moment: the inverse of `restore`."""
+             device: torch.device, compression: dict | None = None) -> dict:
+    """The checkpoint of this moment: the inverse of `restore` (and of `compression.PowerSGD.restore`: every
+    rank's gradient compression state, where it keeps one)."""
     return {"format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": rng_state(device), "config": cfg.to_dict(), "world_size": world_size, **state.to_checkpoint()}
+            "rng": rng_state(device), "config": cfg.to_dict(), "world_size": world_size, **state.to_checkpoint(),
+            **({"compression": compression} if compression is not None else {})}
 
 
 def restore(ckpt: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> None:
@@ -285,10 +287,20 @@ def rng_state(device: torch.device) -> dict:
         state["cuda"] = torch.cuda.get_rng_state(device)
     import numpy as np  # a dependency of the package
 
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state["numpy"] = numpy_rng(np.random.get_state())
     return state
+
+
+def numpy_rng(state: tuple) -> dict:
+    """A numpy generator's state (`get_state()`) as tensors and numbers."""
+    _, keys, pos, has_gauss, gauss = state
+    return {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def numpy_rng_tuple(saved: dict) -> tuple:
+    """The inverse of `numpy_rng`, for `set_state()`."""
+    return "MT19937", saved["keys"].numpy().astype("uint32"), saved["pos"], saved["has_gauss"], saved["gauss"]
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -299,5 +311,4 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         import numpy as np
-        n = state["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+        np.random.set_state(numpy_rng_tuple(state["numpy"]))

@@ -67,6 +67,21 @@ class Config:
             "choices": ["auto", "shm", "gloo"],
         },
     )
+    grad_compression: str = field(
+        default="none",
+        metadata={
+            "help": ("fewer bytes per step for slow links (compression.py): fp16 or bf16 casts, or powersgd (low-rank, "
+                     "with error feedback); not with --exact, which keeps the gradients' bits"),
+            "choices": ["none", "fp16", "bf16", "powersgd"],
+        },
+    )
+    powersgd_rank: int = field(
+        default=2, metadata={"help": "with --grad-compression powersgd: the rank of each matrix's approximation"}
+    )
+    powersgd_start: int = field(
+        default=400,
+        metadata={"help": "with --grad-compression powersgd: plain all_reduce before this step (at least 2)"},
+    )
     # logging and checkpoints
     log_every: int = field(
         default=50, metadata={"help": "steps between metrics.jsonl records (also when ranks agree on stop signals)"}
@@ -160,6 +175,15 @@ class Config:
             raise UsageError(f"--start-timeout must be at least 1 second, got {self.start_timeout}")
         step_range(self.profile_steps)  # the format; the run's length is checked once the data is loaded
         rank_list(self.profile_ranks)
+        if self.powersgd_rank < 1 or self.powersgd_start < 2:
+            raise UsageError(f"--powersgd-rank must be at least 1 and --powersgd-start at least 2 (torch's PowerSGD "
+                             f"needs two plain steps), got {self.powersgd_rank} and {self.powersgd_start}")
+        if self.grad_compression != "none" and self.exact:
+            raise UsageError(f"--grad-compression {self.grad_compression} changes the gradients' bits by design, and "
+                             f"--exact keeps them: drop one of the two")
+        if self.grad_compression != "none" and self.cpu_allreduce == "shm":
+            raise UsageError(f"--grad-compression {self.grad_compression} runs over the process group, not shared "
+                             f"memory: use --cpu-allreduce auto or gloo")
         if self.exact:
             self.validate_exact(world_size)
         if self.batch_size % world_size:
@@ -194,7 +218,8 @@ class Config:
 
 
 # Fields that shape the model or its training trajectory: a resumed run must match them.
-TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed", "exact", "pieces")
+TRAJECTORY_FIELDS = ("model", "hidden", "batch_size", "lr", "lr_decay", "seed", "exact", "pieces", "grad_compression",
+                     "powersgd_rank", "powersgd_start")
 
 # Fields that may differ between nodes: only rank 0 reads and writes the run dir and the checkpoints.
 PER_NODE_FIELDS = ("data_dir", "run_dir", "resume")

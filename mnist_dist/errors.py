@@ -45,8 +45,8 @@ class UsageError(JobError):
 class CheckpointError(UsageError):
     """A checkpoint that cannot be used; `unsafe`: it tried to smuggle in code (never skipped)."""
 
-    def __init__(self, message: str, unsafe: bool = False):
-        super().__init__(message)
+    def __init__(self, message: str, unsafe: bool = False, *, everywhere: bool | None = None):
+        super().__init__(message, everywhere=everywhere)
         self.unsafe = unsafe
 
 

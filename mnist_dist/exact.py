@@ -11,10 +11,10 @@ and the topology). Here every order is fixed by the global batch alone:
   on one intra-op thread (`one_thread`: a matrix product's or a reduction's bits may depend on how many
   threads share it; an elementwise kernel's never do, so the additions and Adam keep the process's);
 - the pieces' gradients are summed along one binary tree over the P pieces. A rank's pieces are a
-  whole subtree, so it sums them itself and sends that one partial sum; the W partial sums are
-  gathered (bytes moved, by all_gather or the shared-memory block: never an addition inside a
-  collective) and every rank adds them along the tree's top levels. Every rank, and one process doing
-  the whole tree, thus performs the same additions on the same bits;
+  whole subtree, so it sums them itself; the tree's top levels, over the ranks' subtrees, are added by
+  `exact_exchange` in the same order (a reduce-scatter and all-gather that pair sibling subtrees, or
+  shared memory on one host: never an addition inside a collective, whose order gloo and NCCL choose).
+  Every rank, and one process doing the whole tree, thus performs the same additions on the same bits;
 - what else depends on how the batch is split is keyed to the global batch: batch norm normalises each
   piece by the piece's own statistics (the running statistics move once a step, by the tree's mean of
   the pieces' statistics), and dropout's masks are a hash of (seed, step, position in the global
@@ -29,13 +29,14 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import host_allreduce, progress
+from . import progress
 from .config import Config
+from .ddp import Exchange
 from .distributed import DistEnv
+from .exact_exchange import exchanger
 
 
 class ExactStep:
@@ -55,8 +56,11 @@ class ExactStep:
         self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.sizes = [p.numel() for p in self.params] + [1] + [n.num_features for n in self.norms for _ in "mv"]
         self.root = torch.zeros(sum(self.sizes), device=device)  # this rank's subtree's sum
-        self.gather, self.how, self.shared = gatherer(cfg, env, device, len(self.root))
-        self.total = torch.empty_like(self.root) if self.gather else self.root  # the whole tree's
+        self.exchange, how, sent, self.shared = exchanger(cfg.cpu_allreduce, env.rank, env.world_size,
+                                                          len(self.root), device)
+        self.exchange_info = Exchange(f"--exact: {cfg.pieces} pieces of {self.piece} samples a step; {how}",
+                                      self.root.numel() * 4, sent, shared_memory=self.shared is not None)
+        self.total = torch.empty_like(self.root) if self.exchange else self.root  # the whole tree's
         self.result = self.unpack(self.total)
         self.terms = MLPTerms(self, device) if cfg.model == "mlp" else AutogradTerms(self, device)
 
@@ -65,12 +69,9 @@ class ExactStep:
         mean loss (a 0-dim tensor) and this rank's logits; sets every parameter's .grad."""
         with one_thread():
             logits = self.terms.sum(x, y, step)
-        if self.gather:
-            progress.entering("the gather of --exact's partial sums")
-            level = self.gather(self.root)
-            while len(level) > 2:  # the tree's top levels, over the ranks' subtrees
-                level = level[0::2] + level[1::2]
-            torch.add(level[0], level[1], out=self.total)
+        if self.exchange:
+            progress.entering("the exchange of --exact's partial sums")
+            self.exchange(self.root, self.total)
         gradients, loss, stats = self.result
         for p, g in zip(self.params, gradients, strict=True):
             p.grad = g
@@ -218,24 +219,6 @@ class MLPTerms:
                 torch.mm(acts[q][-1][b], acts[q][0], out=levels[i])
             tree_sum(w1_block, len(acts), levels)
         return [a[2] for a in acts]
-
-
-def gatherer(cfg: Config, env: DistEnv, device: torch.device, numel: int):
-    """How the ranks' partial sums travel: a function of this rank's row returning every rank's, in rank
-    order (None for one process), that in words for the start-up line, and the shared-memory block it uses."""
-    pieces = f"--exact: {cfg.pieces} pieces of {cfg.batch_size // cfg.pieces} samples a step"
-    if env.world_size == 1:
-        return None, f"{pieces}, all summed here", None
-    shared = host_allreduce.wanted(cfg.cpu_allreduce, env.rank, env.world_size, numel, device)
-    if shared:
-        return shared.gather, f"{pieces}; partial sums gathered through shared memory", shared
-    out = torch.empty(env.world_size, numel, device=device)
-    rows = list(out)  # views: all_gather fills out
-
-    def all_gather(row: torch.Tensor) -> torch.Tensor:
-        dist.all_gather(rows, row)
-        return out
-    return all_gather, f"{pieces}; partial sums gathered by {dist.get_backend()} all_gather", None
 
 
 class KeyedDropout(nn.Module):

@@ -5,7 +5,7 @@ so backward's length cannot find a slow rank. What differs is where each rank sp
 rank computes long and finds the others ready; the others hand in their gradients and wait. So the
 exchange itself is timed: from the moment the last gradient bucket reaches the comm hook (this rank's
 backward is done) to the moment backward returns (DDP has waited for every bucket), and likewise
-around --exact's gather. Compute is the rest of the interval. The slow rank is the one that waits least.
+around --exact's exchange. Compute is the rest of the interval. The slow rank is the one that waits least.
 
 No extra synchronisation: the two figures of every rank ride on the sync point's all_reduce (`slots`),
 and on a GPU the waits are CUDA events read once per interval, when the sync point waits for the GPU
@@ -117,7 +117,7 @@ class RankTiming:
             self.handed_over = None
 
     def timed(self, exchange: Callable, shared: HostAllReduce | None = None) -> Callable:
-        """`exchange` (a collective the step waits for, as --exact's gather) with its time counted as waiting
+        """`exchange` (a collective the step waits for, as --exact's exchange) with its time counted as waiting
         (the shared-memory block times its own, as above)."""
         if shared is not None:
             self.meter = shared

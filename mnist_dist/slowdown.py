@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PERSIST = 2            # consecutive intervals before an episode starts or ends
@@ -63,9 +64,12 @@ class SlowdownWatch:
     gradient's size."""
 
     def __init__(self, factor: float, hosts: list[str], link: str | None = None, payload_bytes: int = 0,
-                 bus_bytes: int = 0):
+                 bus_bytes: int = 0, bytes_at: Callable[[int], tuple[int, int]] | None = None,
+                 compressed: bool = False):
         self.factor, self.hosts, self.link = factor, hosts, link
-        self.payload_bytes, self.bus_bytes = payload_bytes, bus_bytes
+        self.fewer_bytes = "" if compressed else "fewer bytes per step (--grad-compression powersgd, or fp16), "
+        # (payload, bus) bytes per step at a step: PowerSGD sends the whole gradient before its start step
+        self.bytes_at = bytes_at or (lambda step: (payload_bytes, bus_bytes))
         self.straggler: int | None = None  # the rank named slow, until it recovers
         self.suspect, self.streak = None, 0  # the rank that looked slow, and for how many intervals
         self.bound, self.bound_streak = False, 0
@@ -78,7 +82,7 @@ class SlowdownWatch:
         if self.pending.seconds < MIN_INTERVAL_S:
             return []
         interval, self.pending = self.pending, None
-        events = [e for e in (self.judge_straggler(interval), self.judge_link(interval)) if e]
+        events = [e for e in (self.judge_straggler(interval), self.judge_link(interval, *self.bytes_at(step))) if e]
         for e in events:
             e.record.update({"step": step, "epoch": epoch, "message": e.line})
         return events
@@ -118,7 +122,7 @@ class SlowdownWatch:
                       "others_wait_share": round(others, 3)}, line, "warning")
 
     # --- a slow link --------------------------------------------------------------------------------
-    def judge_link(self, iv: Interval) -> Event | None:
+    def judge_link(self, iv: Interval, payload_bytes: int, bus_bytes: int) -> Event | None:
         if self.link is None:
             return None
         share = iv.wait_share()
@@ -135,12 +139,12 @@ class SlowdownWatch:
             line = f"no longer communication-bound: {mean_share:.0%} of each step waits for the gradient exchange"
             return Event({"event": "communication_bound_ended", "wait_share": round(mean_share, 3)}, line, "note")
         wait_per_step = statistics.mean(iv.wait_s) / iv.steps
-        rate = self.bus_bytes / max(wait_per_step, 1e-12) / 1e6
+        rate = bus_bytes / max(wait_per_step, 1e-12) / 1e6
         line = (f"communication-bound: {mean_share:.0%} of each step waits for the gradient exchange "
-                f"({self.payload_bytes / 1e6:.2f} MB per step at {rate:.1f} MB/s over {self.link}); what would help: "
-                f"a faster interface, or fewer exchanges per epoch (a larger --batch-size)")
+                f"({payload_bytes / 1e6:.2f} MB per step at {rate:.1f} MB/s over {self.link}); what would help: "
+                f"a faster interface, {self.fewer_bytes}or fewer exchanges per epoch (a larger --batch-size)")
         return Event({"event": "communication_bound", "wait_share": round(mean_share, 3),
-                      "bus_mb_per_s": round(rate, 2), "mb_per_step": round(self.payload_bytes / 1e6, 3),
+                      "bus_mb_per_s": round(rate, 2), "mb_per_step": round(payload_bytes / 1e6, 3),
                       "link": self.link}, line, "note")
 
 
@@ -154,11 +158,9 @@ def link(device_type: str, hosts: list[str], through_shared_memory: bool, enviro
     return None
 
 
-def bus_bytes(payload_bytes: int, world_size: int, exchange: str = "all_reduce") -> int:
-    """What each rank sends (and receives) per step in a ring schedule: 2(W-1)/W of the payload for an
-    all_reduce, (W-1) rows for an all_gather (nccl-tests' bus bandwidth rests on these)."""
-    if exchange == "all_gather":
-        return payload_bytes * (world_size - 1)
+def bus_bytes(payload_bytes: int, world_size: int) -> int:
+    """What each rank sends (and receives) per step in a ring schedule, or a reduce-scatter and all-gather:
+    2(W-1)/W of the payload (nccl-tests' bus bandwidth rests on it)."""
     return payload_bytes * 2 * (world_size - 1) // world_size
 
 

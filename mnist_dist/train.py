@@ -19,10 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import PROCESS_START, checkpoint, data, distributed, optim, progress, rank_timing, slowdown
+from . import PROCESS_START, checkpoint, compression, data, distributed, optim, progress, rank_timing, slowdown
 from .checkpoint import Checkpointer, EpochTally, TrainState
 from .config import Config, parse_config
-from .ddp import wrap_ddp
+from .ddp import Exchange, wrap_ddp
 from .distributed import DistEnv, Ranks
 from .errors import EXIT_OK, Diverged, JobError, Preempted, UsageError, exit_process, print_error, warn
 from .evaluate import Evaluation, evaluate
@@ -67,21 +67,22 @@ class Trainer:
         self.train_x, self.train_y = ranks.check(data.load, cfg.data_dir, train=True, device=self.device)
         self.test = ranks.check(data.load, cfg.data_dir, train=False, device=self.device, on="main")
         self.model, self.opt = self.build_model()
+        self.compression = compression.make(cfg, self.model, self.device, W)
         self.ckpt = Checkpointer(cfg, enabled=env.is_main)
         self.start_from(ckpt)
         # each rank's compute and wait per interval: the exchange is timed, the rest is compute
         self.timing = RankTiming.wanted(cfg.straggler_factor > 0, self.device, W, env.rank)
         if cfg.exact:  # no DDP: ExactStep makes the gradients, the same bits for any world size
             self.ddp, self.exact = self.model, ExactStep(self.model, cfg, env, self.device)
-            how = self.exact.how
-            if self.exact.gather:
-                self.exact.gather = self.timing.timed(self.exact.gather, self.exact.shared)
+            self.exchange: Exchange = self.exact.exchange_info
+            if self.exact.exchange:
+                self.exact.exchange = self.timing.timed(self.exact.exchange, self.exact.shared)
         else:
-            self.ddp, how = wrap_ddp(self.model, self.device, env, cfg.cpu_allreduce, self.timing.hook)
+            self.ddp, self.exchange = wrap_ddp(self.model, self.device, env, cfg, self.compression, self.timing.hook)
             self.exact = None
         self.averages_gradients = W > 1  # read every step: the one check there
-        tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {how}")
-        self.slowdown = self.watch_slowdown(how)
+        tracker.say(f"{W} rank{'s' if W > 1 else ''} on {self.device.type}; {self.exchange.how}")
+        self.slowdown = self.watch_slowdown()
         self.per_rank, self.log_every = cfg.batch_size // W, cfg.log_every
         # DistributedSampler pads the data to a multiple of the world size; --exact to whole global batches
         n = len(self.train_y)
@@ -121,21 +122,16 @@ class Trainer:
         model = build(cfg.model, cfg.hidden).to(self.device)
         return model, optim.make_adam(model, cfg.lr)
 
-    def watch_slowdown(self, how: str) -> SlowdownWatch:
+    def watch_slowdown(self) -> SlowdownWatch:
         """Who judges the per-rank figures, with the hosts (logged once per run, where they changed) and
         the link the exchange travels (none to judge for CPU ranks on one host: waiting there is the
         scheduler's doing)."""
         hosts = rank_timing.gather_hosts(self.env.world_size, self.device)
         if not any(r.get("hosts") == hosts for r in self.state.metrics):
             self.tracker.log({"step": self.state.step, "hosts": hosts})
-        if self.exact:
-            payload = self.exact.root.numel() * 4
-            bus = slowdown.bus_bytes(payload, self.env.world_size, "all_gather")
-        else:
-            payload = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            bus = slowdown.bus_bytes(payload, self.env.world_size)
-        link = slowdown.link(self.device.type, hosts, through_shared_memory="shared memory" in how)
-        return SlowdownWatch(self.cfg.straggler_factor, hosts, link, payload, bus)
+        link = slowdown.link(self.device.type, hosts, through_shared_memory=self.exchange.shared_memory)
+        return SlowdownWatch(self.cfg.straggler_factor, hosts, link, bytes_at=self.exchange.at,
+                             compressed=self.cfg.grad_compression != "none")
 
     def warn_if_progress_lost(self, resumed: int) -> None:
         """Every node's first rank notes each checkpoint rank 0 saves (step and host) in its own run dir.
@@ -155,6 +151,9 @@ class Trainer:
             return
         checkpoint.restore(ckpt, self.model, self.opt, self.device)
         s = self.state
+        if self.compression.stateful:  # a broken state on any rank ends every rank, in one line
+            self.ranks.check(self.compression.restore, ckpt.get("compression"), self.env.world_size, self.env.rank,
+                             s.step)
         self.tracker.say(f"resuming at epoch {s.epoch + 1}, batch {s.batch_in_epoch} (step {s.step}), saved with "
                          f"world size {ckpt['world_size']}, now {self.env.world_size}")
 
@@ -253,8 +252,10 @@ class Trainer:
     def save(self, is_best: bool = False) -> Path:
         phase = progress.phase
         progress.enter("checkpoint write")
+        # every rank's compression state, gathered by every rank (one collective)
+        extra = self.compression.checkpoint(self.env.world_size, self.device) if self.compression.stateful else None
         path = self.ckpt.save(lambda: checkpoint.snapshot(self.state, self.model, self.opt, self.cfg,
-                                                          self.env.world_size, self.device), is_best)
+                                                          self.env.world_size, self.device, extra), is_best)
         if self.env.is_local_main:
             checkpoint.note_save(self.cfg.run_dir, self.state.step, self.main_host)
         progress.enter(phase)

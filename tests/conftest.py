@@ -105,9 +105,9 @@ BEFORE = pytest.StashKey[leftovers.Snapshot]()
 
 # the longest files first (from --durations), so that pytest-xdist's workers, a file each at a time, start on
 # them and finish together; a file not named here runs after these
-LONGEST_FIRST = ["test_resume", "test_hosts", "test_hang", "test_slurm", "test_exact", "test_gpu_paths",
-                 "test_slowdown", "test_containers", "test_doctor", "test_train", "test_slurm_hosts", "test_real_mnist",
-                 "test_profile", "test_launchers", "test_wandb"]
+LONGEST_FIRST = ["test_resume", "test_hosts", "test_hang", "test_slurm", "test_exact", "test_compression",
+                 "test_gpu_paths", "test_slowdown", "test_containers", "test_doctor", "test_train", "test_slurm_hosts",
+                 "test_real_mnist", "test_profile", "test_launchers", "test_wandb"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -95,6 +95,10 @@ def nccl_collectives(monkeypatch, world_size: int) -> list[str]:
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size)
     for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter"):
         monkeypatch.setattr(dist, name, lambda *args, _name=name, **kwargs: calls.append(_name))
+    # point-to-point: what each op sends or receives, and to whom (nothing to wait for)
+    monkeypatch.setattr(dist, "P2POp", lambda op, tensor, peer: SimpleNamespace(op=op, tensor=tensor, peer=peer))
+    monkeypatch.setattr(dist, "batch_isend_irecv", lambda ops: calls.extend(
+        f"{'send' if op.op is dist.isend else 'recv'} {op.tensor.numel()} to/from {op.peer}" for op in ops) or [])
     return calls
 
 

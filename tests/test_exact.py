@@ -255,6 +255,22 @@ def test_the_tree_adds_in_its_fixed_order():
     assert out.item() != ((terms[0] + terms[2]) + terms[1] + terms[3]).item(), "an order that differs"
 
 
+def test_the_exchange_adds_the_ranks_partial_sums_in_the_trees_order_and_sends_2_w_minus_1_over_w():
+    """8 gloo ranks (three levels of halving, then doubling), rows of odd length whose sum depends on the
+    order of additions: every rank ends with the bits of one process's tree, having sent 2(W-1)/W of a row."""
+    import json
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8",
+                          str(ROOT / "tests" / "scripts" / "tree_exchange.py")], cwd=ROOT, env=job_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == list(range(8))
+    assert all(r["tree_bits"] for r in ranks), ranks
+    assert all(r["order_shows"] for r in ranks), "rows whose sum does not depend on the order prove nothing"
+    assert all(abs(r["sent"] - 2 * 7 / 8 * 1001) <= 3 for r in ranks), ranks
+
+
 def test_dropout_masks_belong_to_the_sample_not_the_rank():
     """The mask of a sample is a function of (seed, step, position in the global batch) alone."""
     from mnist_dist.exact import keyed_uniform
@@ -298,16 +314,22 @@ def test_pieces_that_cannot_work_are_refused(flags, message):
 
 
 @pytest.mark.parametrize("model_name", ["mlp", "cnn"])
-def test_on_gpus_the_partial_sums_travel_by_nccl_all_gather_never_all_reduce(monkeypatch, model_name):
-    """Simulated: two ranks whose tensors live off the CPU (the 'meta' device) gather their partial sums
-    with the process group (NCCL), and nothing is added inside a collective."""
+def test_on_gpus_the_partial_sums_travel_by_nccl_send_and_recv_never_all_reduce(monkeypatch, model_name):
+    """Simulated: rank 1 of four, its tensors off the CPU (the 'meta' device), exchanges halves with rank 0
+    (its sibling), then quarters with rank 3, then gathers back in reverse: by the process group's
+    point-to-point sends (NCCL), nothing added inside a collective, 2(W-1)/W of its row sent."""
     from fakes import nccl_collectives
 
-    calls = nccl_collectives(monkeypatch, 2)
-    net, step = exact_step(model_name, world_size=2, rank=1, device="meta")
-    assert "nccl all_gather" in step.how
-    x, y = batch(8, "meta")
+    calls = nccl_collectives(monkeypatch, 4)
+    net, step = exact_step(model_name, world_size=4, rank=1, device="meta")
+    assert "nccl send/recv" in step.exchange_info.how
+    x, y = batch(4, "meta")
     loss, logits = step(x, y, 0)
-    assert calls == ["all_gather"]
-    assert loss.device.type == "meta" and logits.shape == (8, 10)
+    n = step.root.numel()
+    sends = [c.split() for c in calls if c.startswith("send")]
+    assert len(calls) == 8 and all(c.startswith(("send", "recv")) for c in calls), calls
+    assert [int(c[-1]) for c in sends] == [0, 3, 3, 0]  # partners: the sibling, then the sibling subtree's
+    assert sum(int(c[1]) for c in sends) == pytest.approx(2 * 3 / 4 * n, abs=4)
+    assert step.exchange_info.sent_bytes == 4 * sum(int(c[1]) for c in sends)
+    assert loss.device.type == "meta" and logits.shape == (4, 10)
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in net.parameters())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hosts as hosts_mod
-from helpers import SMALL_RUN, job_env, metrics, run_train, wait_for
+from helpers import SMALL_RUN, job_env, metrics, run_train, summary, wait_for
 from hosts import Host, Hosts
 from mnist_dist.errors import EXIT_HUNG
 
@@ -27,13 +27,13 @@ FLAGS = (*SMALL_RUN, "--ckpt-every", "50", "--no-verify-data", "--no-download")
 
 
 def torchrun(
-    rdzv: str, node: int, *flags: str, nnodes: str = "2", endpoint: str = "nodeA", restarts: int = 0
+    rdzv: str, node: int, *flags: str, nnodes: str = "2", endpoint: str = "nodeA", restarts: int = 0, nproc: int = 1
 ) -> list[str]:
     """The command each node runs, one rank per node, as the README says."""
     how = ([f"--node-rank={node}", f"--master-addr={endpoint}", f"--master-port={PORT}"] if rdzv == "static" else
            ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}:{PORT}", "--rdzv-id=hosts-test",
             "--rdzv-conf=join_timeout=60,last_call_timeout=2,close_timeout=5"])
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1", *how,
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", *how,
             f"--max-restarts={restarts}",
             "-m", "mnist_dist.train", *FLAGS, *flags]
 
@@ -175,6 +175,55 @@ def test_a_slow_link_is_said_once_with_its_rate_and_interface(small_data, tmp_pa
     assert "slower than the median" not in said_a + said_b and "communication-bound" not in said_b
     [event] = [r for r in metrics(run) if r.get("event") == "communication_bound"]
     assert event["link"] == "eth0" and event["bus_mb_per_s"] == pytest.approx(rate, abs=0.05)
+
+
+def sent_bytes(host: Host) -> int:
+    """What the host's cable (eth0) has sent so far: its own network namespace's /proc/net/dev."""
+    line = next(line for line in host.sh("cat /proc/net/dev").splitlines() if line.strip().startswith("eth0:"))
+    return int(line.split(":")[1].split()[8])
+
+
+def test_exact_on_two_hosts_of_two_ranks_has_one_processs_bits_and_sends_one_row_a_step(small_data, tmp_path):
+    """--exact on 2 hosts x 2 ranks (no shared memory across hosts: gloo among all four) ends with the
+    one-process run's weights. Counted on the veths: each host's cable carries about one row of partial
+    sums per step (each rank sends its sibling on the other host half a row in the reduce-scatter and
+    half in the all-gather); gathering the partial sums, as before, sent three."""
+    flags = ("--exact", "--pieces", "8", "--batch-size", "16", "--epochs", "1", "--log-every", "64", "--seed", "5")
+    one = tmp_path / "one"
+    assert run_train(1, small_data, one, *flags).returncode == 0
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        before = [sent_bytes(h) for h in hosts]
+        procs = [h.start(torchrun("static", i, "--data-dir", str(small_data), "--run-dir", "/tmp/run", *flags, nproc=2),
+                         env=job_env()) for i, h in enumerate(hosts)]
+        results = finish(procs, hosts, timeout=180)
+        sent = [sent_bytes(h) - b for h, b in zip(hosts, before, strict=True)]
+        run = local(hosts[0], "/tmp/run")
+        assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+        assert summary(run)["fingerprint"] == summary(one)["fingerprint"]
+        steps, row = summary(run)["steps"], (784 * 128 + 128 + 128 * 10 + 10 + 1) * 4  # the gradient and the loss
+    assert "reduce-scattered and all-gathered" in results[0][1], results[0][1]
+    assert all(0.95 <= s / (steps * row) <= 1.2 for s in sent), [s / (steps * row) for s in sent]
+
+
+def test_powersgd_between_two_hosts_sends_what_it_says(small_data, tmp_path):
+    """--grad-compression powersgd, one rank on each of two hosts: per step, the cables carry at least what the
+    start-up line says a step sends (9 kB) and less than a tenth of the whole gradient's 407 kB (on top of
+    the 9 kB: the packets' headers, three all_reduces a step, and once per run DDP's broadcast of the
+    weights, the two plain steps and the epoch end's gather of the state for the checkpoint)."""
+    flags = ("--data-dir", str(small_data), "--run-dir", "/tmp/run", "--epochs", "1", "--log-every", "64",
+             "--grad-compression", "powersgd", "--powersgd-start", "2", "--ckpt-every", "0")
+    with Hosts(tmp_path, ["nodeA", "nodeB"]) as hosts:
+        before = [sent_bytes(h) for h in hosts]
+        procs = [h.start(torchrun("static", i, *flags), env=job_env()) for i, h in enumerate(hosts)]
+        results = finish(procs, hosts, timeout=120)
+        sent = [sent_bytes(h) - b for h, b in zip(hosts, before, strict=True)]
+        steps = summary(local(hosts[0], "/tmp/run"))["steps"]
+    assert [code for code, *_ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    said = re.search(r"PowerSGD rank 2 from step 2 \(([\d.]+) kB a step", results[0][1])
+    assert said, results[0][1]
+    per_step = [s / steps for s in sent]
+    row = (784 * 128 + 128 + 128 * 10 + 10) * 4
+    assert all(float(said[1]) * 1e3 <= b <= row / 10 for b in per_step), (said[0], per_step)
 
 
 @pytest.mark.parametrize("wrong", [0, 1], ids=["on-A", "on-B"])

@@ -1,6 +1,6 @@
 """Why a job is slow: each rank's compute and wait in metrics.jsonl, the straggler and communication-bound
 lines (slowdown.py), and progress within an epoch (--progress). The judgement in-process; a rank really
-held to 15% of a CPU by a cgroup quota; healthy runs beside two busy loops; a terminal and a pipe.
+held to 10% of a CPU by a cgroup quota; healthy runs beside two busy loops; a terminal and a pipe.
 (The communication-bound line over a slow link between two hosts: test_hosts.py.)"""
 from __future__ import annotations
 
@@ -74,6 +74,20 @@ def test_a_link_that_every_rank_waits_for_is_named_with_its_rate_and_interface()
     assert judge_all(SlowdownWatch(1.5, ["a", "a"]), [bound] * 4) == [[]] * 4
 
 
+def test_the_note_counts_the_bytes_sent_at_its_step_and_suggests_compression_only_where_none_runs():
+    """PowerSGD sends the whole gradient before its start step, 9 kB a step after it: the rate is of the
+    bytes sent then; a compressed job is not told to compress."""
+    def sent_at(step: int) -> tuple[int, int]:
+        return (407_080, 407_080) if step < 400 else (8_952, 8_952)
+    bound, fine = interval([5, 5], [80, 80]), interval([5, 5], [1, 1], steps=300)
+    watch = SlowdownWatch(1.5, ["a", "b"], link="eth0", bytes_at=sent_at, compressed=True)
+    lines = judge_all(watch, [bound, bound, fine, fine, bound, bound])  # steps 100 ... 600
+    assert "(0.41 MB per step at 5.1 MB/s over eth0)" in lines[1][0] and "--grad-compression" not in lines[1][0]
+    assert "(0.01 MB per step at 0.1 MB/s over eth0)" in lines[5][0], lines
+    plain = judge_all(SlowdownWatch(1.5, ["a", "b"], link="eth0", payload_bytes=8, bus_bytes=8), [bound] * 2)
+    assert "fewer bytes per step (--grad-compression powersgd, or fp16), or fewer exchanges" in plain[1][0]
+
+
 def test_the_link_named_is_where_the_exchange_travels():
     assert link("cuda", ["a", "a"], False, {}) == "nccl"
     assert link("cuda", ["a", "b"], False, {"NCCL_SOCKET_IFNAME": "ib0"}) == "nccl (ib0)"
@@ -84,7 +98,6 @@ def test_the_link_named_is_where_the_exchange_travels():
 
 def test_bus_bytes_are_what_a_ring_moves_per_rank():
     assert [bus_bytes(1000, w) for w in (2, 4, 8)] == [1000, 1500, 1750]
-    assert bus_bytes(1000, 4, "all_gather") == 3000
 
 
 def test_on_a_gpu_the_interval_and_waits_are_cuda_events_read_once_per_interval(monkeypatch):
@@ -130,14 +143,15 @@ def interval_records(run) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(cpu_quota_unavailable() is not None, reason=f"CPU quota: {cpu_quota_unavailable()}")
-def test_a_rank_held_to_15_percent_of_a_cpu_is_named_within_3_intervals(timing_data, tmp_path):
-    """Rank 1 of 3 put in a cgroup with a 15% CPU quota: one warning names it and its host within 3 log
+def test_a_rank_held_to_10_percent_of_a_cpu_is_named_within_3_intervals(timing_data, tmp_path):
+    """Rank 1 of 3 put in a cgroup with a 10% CPU quota: one warning names it and its host within 3 log
     intervals, one note says when it keeps pace again after the quota is lifted; both are events in
-    metrics.jsonl and in the W&B run."""
+    metrics.jsonl and in the W&B run. (At 15% the rank was not always slower than the median one while
+    the suite's other workers ran multi-rank jobs beside it.)"""
     run = tmp_path / "run"
     proc = start_train(3, timing_data, run, *TIMED, "--epochs", "7", env=job_env(WANDB_MODE="offline"))
     wait_for(lambda: interval_records(run) or proc.poll() is not None, timeout=120, what="the first interval")
-    with cpu_quota(worker_pid(proc, 1), 0.15) as lift:
+    with cpu_quota(worker_pid(proc, 1), 0.10) as lift:
         held_from = interval_records(run)[-1]["step"]
         wait_for(lambda: any(r.get("event") for r in metrics(run)) or proc.poll() is not None, timeout=120,
                  what="the straggler warning")
