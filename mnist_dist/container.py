@@ -44,12 +44,19 @@ def pid1_warning() -> str | None:
             f"it drops signals it has no handler for (Slurm's USR1); start it under an init: {INIT_FIXES}")
 
 
-def shm_shortfall(folder: str, needed: int) -> str:
-    """Why the shared-memory block could not be made in `folder`, and what to do."""
+def free_bytes(folder: str) -> int | None:
+    """What a user may still write in `folder`'s file system (None: no such folder here)."""
     try:
         st = os.statvfs(folder)
-        free = st.f_bavail * st.f_frsize
     except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def shm_shortfall(folder: str, needed: int) -> str:
+    """Why the shared-memory block could not be made in `folder`, and what to do."""
+    free = free_bytes(folder)
+    if free is None:
         return f"{folder} is not usable here, so the ranks average their gradients through gloo"
     return (f"{folder} has {free / 2**20:.1f} MB free and the shared-memory gradient exchange needs "
             f"{needed / 2**20:.1f} MB, so the ranks average through gloo (slower on one host); give it more: "

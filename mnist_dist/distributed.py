@@ -12,6 +12,7 @@ import datetime
 import fcntl
 import gc
 import io
+import json
 import os
 import re
 import socket
@@ -314,3 +315,16 @@ class Ranks:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
+
+def all_gather_json(obj: Any, world_size: int, group=None, device: torch.device | None = None) -> list:
+    """Every rank's JSON-able `obj`, in rank order (bytes in tensors on `device`, the CPU by default: nothing
+    is unpickled)."""
+    raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([len(raw)], device=device), group=group)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(raw)] = raw
+    rows = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    dist.all_gather(rows, padded, group=group)
+    return [json.loads(bytes(r[:int(s.item())].tolist())) for r, s in zip(rows, sizes, strict=True)]

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import data, devices, distributed
+from .distributed import all_gather_json
 from .errors import UsageError, first_line
 
 
@@ -54,25 +55,25 @@ def local_facts(args: argparse.Namespace, device: torch.device, rank: int) -> di
     return facts
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
+def proc_field(path: str, key: str) -> str | None:
+    """The value of the first `key: value` line of a /proc file (None: no such file or line)."""
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        if line.split(":", 1)[0].strip() == key:
             return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set((proc_field("/proc/cpuinfo", "flags") or "").split())
 
 
 def mem_available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    kb = proc_field("/proc/meminfo", "MemAvailable")
+    return int(kb.split()[0]) / 2**20 if kb else float("nan")
 
 
 def disk_free_gb(path: str) -> float:
@@ -127,20 +128,6 @@ def nvidia_driver() -> str:
 
 
 # --- across the ranks -----------------------------------------------------------------------------------
-def all_gather_json(obj, world_size: int, group) -> list:
-    """Every rank's JSON-able `obj`, in rank order (bytes in tensors: nothing is unpickled)."""
-    raw = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
-    size = torch.tensor([len(raw)])
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
-    dist.all_gather(sizes, size, group=group)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[:len(raw)] = raw
-    rows = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world_size)]
-    dist.all_gather(rows, padded, group=group)
-    return [json.loads(bytes(r[:int(s.item())].tolist())) for r, s in zip(rows, sizes, strict=True)]
-
-
 def shared_run_dir(run_dir: str, me: dict, leaders: list[int], rank: int, group) -> list[str]:
     """Each node's first rank writes a token into the run dir; each then looks for every other node's.
     Returns the hosts whose tokens this node could see (on every rank; [] on ranks that are not leaders)."""

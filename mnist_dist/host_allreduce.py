@@ -167,11 +167,8 @@ def create(path: str, size: int) -> bool:
 
 def shm_full(folder: str, size: int) -> bool:
     """Whether `folder` exists but has less than `size` bytes free (and not: another host, another CPU)."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < size
+    free = container.free_bytes(folder)
+    return free is not None and free < size
 
 
 def open_block(path: str, size: int) -> mmap.mmap | None:

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from .distributed import all_gather_json
 from .host_allreduce import HostAllReduce
 
 
@@ -55,6 +55,7 @@ class CudaClock:
     def __init__(self) -> None:
         self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.start: torch.cuda.Event | None = None
+        self.spare: list[torch.cuda.Event] = []  # read events, recorded again (none made per step once warm)
 
     def begin(self) -> None:
         self.start = self.mark()
@@ -65,11 +66,12 @@ class CudaClock:
         end = self.mark()
         end.synchronize()
         seconds = self.start.elapsed_time(end) / 1000 if self.start is not None else host_s
+        self.spare += [end] if self.start is None else [self.start, end]
         self.start = None
         return seconds
 
     def mark(self) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
+        event = self.spare.pop() if self.spare else torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
@@ -79,6 +81,7 @@ class CudaClock:
     def take_waited(self) -> float:
         """After interval_s(), which waited for every event recorded so far."""
         waited = sum(start.elapsed_time(end) for start, end in self.pairs) / 1000  # ms -> s
+        self.spare += [event for pair in self.pairs for event in pair]
         self.pairs.clear()
         return waited
 
@@ -166,14 +169,6 @@ def split(summed: list[float], world_size: int) -> tuple[list[float], list[float
     return summed[:world_size], summed[world_size:2 * world_size]
 
 
-NAME_BYTES = 64
-
-
 def gather_hosts(world_size: int, device: torch.device) -> list[str]:
-    """Every rank's host name, indexed by rank (one all_gather of fixed-size byte rows; nothing unpickled)."""
-    name = socket.gethostname().encode()[:NAME_BYTES]
-    row = torch.zeros(NAME_BYTES, dtype=torch.uint8)
-    row[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
-    rows = [torch.empty(NAME_BYTES, dtype=torch.uint8, device=device) for _ in range(world_size)]
-    dist.all_gather(rows, row.to(device))
-    return [bytes(r.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for r in rows]
+    """Every rank's host name, indexed by rank."""
+    return all_gather_json(socket.gethostname(), world_size, device=device)

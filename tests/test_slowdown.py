@@ -103,12 +103,16 @@ def test_bus_bytes_are_what_a_ring_moves_per_rank():
 def test_on_a_gpu_the_interval_and_waits_are_cuda_events_read_once_per_interval(monkeypatch):
     """The interval and the exchange are timed by events on the stream (the host runs ahead of the GPU, so
     its own clock would not do); they are read with one synchronize when the interval's figures are taken,
-    never per step. (Checked on an H200 too: a 5 ms spin kernel in the comm hook read as 5.0 ms of wait.)"""
+    never per step, and recorded again: no event is made per step once the first interval is read. (Checked
+    on an H200 too: a 5 ms spin kernel in the comm hook read as 5.0 ms of wait.)"""
     synced = fakes.cuda_events(monkeypatch)
+    event, made = torch.cuda.Event, []
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing=False: made.append(1) or event(enable_timing))
     timing = RankTiming(torch.device("cuda", 0), 2, 0)
     assert isinstance(timing.clock, CudaClock)
     hook = timing.hook(lambda state, bucket: "exchanged")
     gather = timing.timed(lambda: time.sleep(0.01))
+    made_by = []  # events made by the end of each interval
     for _ in range(2):
         timing.begin()
         for _ in range(5):
@@ -123,6 +127,8 @@ def test_on_a_gpu_the_interval_and_waits_are_cuda_events_read_once_per_interval(
         assert len(synced) == 1, "one synchronize per interval"
         assert 0.09 < waited < total and 0.12 < total < 0.6, (waited, total)
         synced.clear()
+        made_by.append(len(made))
+    assert made_by[0] > 0 and made_by[1] == made_by[0], "the second interval records the first one's events again"
 
 
 # --- real runs -------------------------------------------------------------------------------------------
