@@ -3,6 +3,7 @@ is made from seeds alone (so each rank can make them all), with magnitudes from 
 order of additions shows in the bits. Prints JSON: whether the exchange's sum has the bits of the tree's
 over all rows (as one process adds them), whether another order's sum differs, and the values sent."""
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ for r in rows[1:]:
     in_rank_order += r
 exchange = HalvingDoubling(rank, world_size, N, torch.device("cpu"))
 total = exchange(rows[rank], torch.empty(N))
-print(json.dumps({"rank": rank, "tree_bits": torch.equal(total, level[0]),
-                  "order_shows": not torch.equal(in_rank_order, level[0]), "sent": exchange.sent_values}))
+line = json.dumps({"rank": rank, "tree_bits": torch.equal(total, level[0]),
+                   "order_shows": not torch.equal(in_rank_order, level[0]), "sent": exchange.sent_values})
+os.write(1, f"{line}\n".encode())  # one write (under PIPE_BUF): the 8 ranks' lines never interleave
 dist.destroy_process_group()
