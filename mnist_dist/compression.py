@@ -27,14 +27,12 @@ from .checkpoint import numpy_rng, numpy_rng_tuple
 from .config import Config
 from .errors import CheckpointError, UsageError, first_line, warn
 
-KINDS = ("none", "fp16", "bf16", "powersgd")
-
-
 class Compression:
     """No compression: torch's plain all_reduce (DDP's own, no hook)."""
 
     hook = None
     stateful = False
+    compresses_from = 0  # the first step that sends payload_bytes (before it: the whole gradient)
 
     def __init__(self, params: list[torch.Tensor]):
         self.full_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -87,10 +85,13 @@ class PowerSGD(Compression):
         super().__init__(list(self.params))
         self.state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
                                         start_powerSGD_iter=cfg.powersgd_start, random_seed=cfg.seed)
-        self.start = cfg.powersgd_start
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> its parameters, as the state is laid out
         self.loose: dict[int, dict[str, torch.Tensor]] = {}  # parameter -> {"error", "q"}: not in a bucket yet
+
+    @property
+    def compresses_from(self) -> int:
+        return self.state.start_powerSGD_iter
 
     def hook(self, _state, bucket):  # no annotations: DDP checks them against its own classes
         """torch's hook, after laying the state out for this bucket where DDP regrouped its parameters."""
@@ -187,8 +188,8 @@ class PowerSGD(Compression):
                          f"its error feedback and warm start begin afresh")
                 return
             self.state.iter = int(saved["iter"])
-            self.loose = {i: self.checked(saved["ranks"][rank].get(name, {}), i)
-                          for i, name in enumerate(self.names) if name in saved["ranks"][rank]}
+            mine = saved["ranks"][rank]
+            self.loose = {i: self.checked(mine[name], i) for i, name in enumerate(self.names) if name in mine}
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(f"the checkpoint's PowerSGD state is unusable ({first_line(err, 120)}): resume "
                                   f"from another checkpoint (--resume PATH)") from None
@@ -213,7 +214,7 @@ class PowerSGD(Compression):
 
     def describe(self) -> str:
         ratio = self.full_bytes / max(self.payload_bytes, 1)
-        return (f"PowerSGD rank {self.state.matrix_approximation_rank} from step {self.start} "
+        return (f"PowerSGD rank {self.state.matrix_approximation_rank} from step {self.compresses_from} "
                 f"({mb(self.payload_bytes)} a step instead of {mb(self.full_bytes)}, {ratio:.0f}x less)")
 
 

@@ -62,5 +62,5 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, env: DistEnv, cfg: Co
     sent = slowdown.bus_bytes(compression.payload_bytes, W)
     how = (f"gradients averaged by {'nccl' if device.type == 'cuda' else 'gloo'} all_reduce, {compression.describe()}; "
            f"{mb(sent)} sent per rank per step")
-    return ddp, Exchange(how, compression.payload_bytes, sent, full_until=getattr(compression, "start", 0),
+    return ddp, Exchange(how, compression.payload_bytes, sent, full_until=compression.compresses_from,
                          full_bytes=full)
